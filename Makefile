@@ -1,0 +1,39 @@
+# The two commands the README promises: `make demo` runs the main job on the embedded default,
+# `make test` runs the tests. Both do all set-up first (system packages, virtualenv, Python packages).
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build lies on local disk here; on a CUDA machine set TORCH_SPEC to the build you want.
+TORCH_SPEC ?= torch==2.13.0
+SYSTEM_PACKAGES := pkg-config libopencv-dev libturbojpeg0-dev dataset-fashion-mnist
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+STAMP := $(VENV)/.satscale-installed
+
+.PHONY: setup system-packages demo test clean
+
+setup: system-packages $(STAMP)
+
+# FFCV builds from source against Debian's OpenCV and libjpeg-turbo; the bundled real dataset is
+# Debian's Fashion-MNIST. Installed only when missing.
+system-packages:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing system packages:" $$missing; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing g++ >/dev/null; \
+	fi
+
+$(STAMP): pyproject.toml
+	[ -x $(VENV)/bin/python ] || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(VENV)/bin/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/python orchestrator/scale_study.py $(ARGS)
+
+test: setup
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

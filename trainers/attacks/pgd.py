@@ -1,0 +1,170 @@
+"""The PGD attack loop (L-inf or L2 through a threat model), with SAT's attack-time model state.
+
+While attacking, the model runs with BatchNorm on running statistics (eval mode), and no parameter
+requires grad, so the backward pass computes input gradients only: SAT's recipe and a large saving.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from torch import nn
+
+from trainers.activations import activation_phase
+from trainers.attacks.threat_models import THREAT_MODELS, ThreatModel
+
+
+class AttackConfig(BaseModel):
+    """A PGD attack. eps and step_size are in pixel scale ([0, 1] images) and accept "4/255" strings."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    norm: Literal["linf", "l2"] = "linf"
+    eps: float = Field(4 / 255, ge=0)
+    step_size: float = Field(1 / 255, gt=0)
+    steps: int = Field(1, ge=1, le=10_000)
+    random_start: bool = True
+    # SAT starts a fraction of the examples (0.2) from the clean image instead of a random point.
+    clean_start_prob: float = Field(0.0, ge=0, le=1)
+    restarts: int = Field(1, ge=1, le=100)
+    # Return each example's strongest iterate, not the last one, so more steps never weaken the attack
+    # (one extra forward pass; meant for evaluation).
+    keep_best: bool = False
+    targeted: bool = False
+
+    @field_validator("eps", "step_size", mode="before")
+    @classmethod
+    def _fraction(cls, value):
+        if isinstance(value, str):
+            try:
+                return float(Fraction(value.replace(" ", "")))
+            except (ValueError, ZeroDivisionError):
+                raise ValueError(f"expected a number or a fraction like '4/255', got {value!r}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _in_range(self) -> AttackConfig:
+        if self.norm == "linf" and self.eps > 1:
+            raise ValueError("linf eps is in pixel scale [0, 1] (e.g. 4/255); got more than 1")
+        return self
+
+    @classmethod
+    def fgsm_rs(cls, eps: float, **overrides) -> AttackConfig:
+        """FGSM with random start (fast adversarial training): one step of 1.25 * eps."""
+        return cls(eps=eps, step_size=1.25 * eps, steps=1, random_start=True, **overrides)
+
+
+@contextlib.contextmanager
+def attack_mode(model: nn.Module) -> Iterator[None]:
+    """Eval-mode BatchNorm, frozen parameters and the "attack" activation phase; restored on exit."""
+    was_training = model.training
+    requires_grad = [param.requires_grad for param in model.parameters()]
+    model.eval()
+    model.requires_grad_(False)
+    try:
+        with activation_phase("attack"):
+            yield
+    finally:
+        model.train(was_training)
+        for param, flag in zip(model.parameters(), requires_grad):
+            param.requires_grad_(flag)
+
+
+@dataclass
+class _Candidate:
+    """Adversarial images with, per example, whether they fool the model and the attack objective."""
+
+    images: torch.Tensor
+    fooled: torch.Tensor | None = None
+    objective: torch.Tensor | None = None
+
+
+def _stronger(best: _Candidate | None, candidate: _Candidate) -> _Candidate:
+    """Per example, the stronger of two candidates: fooling beats not fooling, then the higher objective."""
+    if best is None:
+        return candidate
+    better = (candidate.fooled & ~best.fooled) | (
+        (candidate.fooled == best.fooled) & (candidate.objective > best.objective))
+    per_image = better.view(-1, *([1] * (candidate.images.dim() - 1)))
+    return _Candidate(torch.where(per_image, candidate.images, best.images), best.fooled | candidate.fooled,
+                      torch.where(better, candidate.objective, best.objective))
+
+
+class PGDAttacker:
+    """Projected gradient descent on the cross-entropy loss.
+
+    `perturb` returns adversarial images. With `restarts > 1` (and, with `keep_best`, across iterates) it
+    keeps, per example, the worst case for the model: fooling it beats not fooling it, then higher loss wins.
+    `autocast_dtype` (torch.bfloat16/float16) runs the model under autocast; the images stay fp32.
+    """
+
+    def __init__(self, config: AttackConfig, autocast_dtype: torch.dtype | None = None) -> None:
+        self.config = config
+        self.threat: ThreatModel = THREAT_MODELS[config.norm](config.eps)
+        self.autocast_dtype = autocast_dtype
+
+    def perturb(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                target_labels: torch.Tensor | None = None) -> torch.Tensor:
+        images = images.detach()
+        if self.config.eps == 0:
+            return images.clone()
+        with attack_mode(model):
+            if self.config.targeted and target_labels is None:
+                target_labels = self._random_targets(model, images, labels)
+            attacked_labels = target_labels if self.config.targeted else labels
+            best = None
+            for _ in range(self.config.restarts):
+                best = _stronger(best, self._run(model, images, labels, attacked_labels))
+            return best.images
+
+    def _logits(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(images.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            return model(images).float()
+
+    def _scored(self, images, logits, labels, attacked_labels) -> _Candidate:
+        """`images` with the per-example outcome of `logits` (their predictions)."""
+        predictions = logits.detach().argmax(dim=1)
+        fooled = predictions == attacked_labels if self.config.targeted else predictions != labels
+        return _Candidate(images.detach(), fooled, self._objective(logits.detach(), attacked_labels))
+
+    def _objective(self, logits: torch.Tensor, attacked_labels: torch.Tensor) -> torch.Tensor:
+        """Per-example quantity the attack increases: CE to the label, or minus CE to the target."""
+        loss = F.cross_entropy(logits, attacked_labels, reduction="none")
+        return -loss if self.config.targeted else loss
+
+    def _run(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+             attacked_labels: torch.Tensor) -> _Candidate:
+        config = self.config
+        adv_images = self.threat.random_start(images) if config.random_start else images.clone()
+        if config.random_start and config.clean_start_prob > 0:
+            from_clean = torch.rand(images.shape[0], device=images.device) < config.clean_start_prob
+            adv_images = torch.where(from_clean.view(-1, *([1] * (images.dim() - 1))), images, adv_images)
+        best = None
+        for _ in range(config.steps):
+            adv_images.requires_grad_(True)
+            logits = self._logits(model, adv_images)
+            objective = self._objective(logits, attacked_labels)
+            if config.keep_best:
+                best = _stronger(best, self._scored(adv_images, logits, labels, attacked_labels))
+            # Summed, so each example's gradient is independent of the batch size.
+            (grad,) = torch.autograd.grad(objective.sum(), adv_images)
+            adv_images = self.threat.project(
+                self.threat.step(adv_images.detach(), grad, config.step_size), images)
+        if not (config.keep_best or config.restarts > 1):
+            return _Candidate(adv_images)  # training: no scoring pass needed
+        with torch.no_grad():
+            final = self._scored(adv_images, self._logits(model, adv_images), labels, attacked_labels)
+        return _stronger(best, final)
+
+    @torch.no_grad()
+    def _random_targets(self, model, images, labels) -> torch.Tensor:
+        num_classes = self._logits(model, images[:1]).shape[1]
+        offsets = torch.randint(1, num_classes, labels.shape, device=labels.device)
+        return (labels + offsets) % num_classes

@@ -1,0 +1,227 @@
+"""The SAT training and evaluation loop (single process; the Ray Train loop wraps these pieces).
+
+Each step attacks the batch (BatchNorm in eval mode, input gradients only), then updates the network on the
+adversarial batch, optionally mixed with the clean one. SGD with Nesterov momentum, weight decay, label
+smoothing, warm-up then cosine or step decay. Loaders yield (images, labels): images (N, C, H, W) as uint8
+[0, 255] or float [0, 1]; a loader with `set_epoch(epoch)` (resolution schedules, samplers) is told the epoch.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Iterable
+from functools import partial
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+from trainers.activations import activation_phase
+from trainers.attacks import AttackConfig, PGDAttacker
+
+AMP_DTYPES: dict[str, torch.dtype | None] = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class DivergenceError(RuntimeError):
+    """The training loss stopped being finite; the run cannot continue meaningfully."""
+
+
+class OptimizerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    lr: float = Field(0.1, gt=0, le=100)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    # Applied to conv/linear weights only: decaying BatchNorm scales, biases or a learnable activation
+    # beta towards zero is not regularisation.
+    weight_decay: float = Field(5e-4, ge=0, lt=1)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)
+    # Step schedule: multiply the LR by `gamma` at each of these fractions of training.
+    milestones: tuple[float, ...] = (0.5, 0.75)
+    gamma: float = Field(0.1, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _milestones_in_range(self) -> OptimizerConfig:
+        if any(not 0 < m < 1 for m in self.milestones) or list(self.milestones) != sorted(self.milestones):
+            raise ValueError("milestones are increasing fractions of training in (0, 1), e.g. [0.5, 0.75]")
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov needs momentum > 0; set nesterov: false or a momentum")
+        return self
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epochs: int = Field(1, ge=1, le=10_000)
+    optimizer: OptimizerConfig = OptimizerConfig()
+    # None trains on clean images (the baseline SAT compares against).
+    train_attack: AttackConfig | None = AttackConfig(eps=4 / 255, step_size=4 / 255, steps=1,
+                                                     clean_start_prob=0.2)
+    eval_attack: AttackConfig | None = AttackConfig(eps=4 / 255, step_size=1 / 255, steps=10, keep_best=True)
+    # 1.0: update on adversarial images only; 0.5: half clean, half adversarial loss.
+    adv_loss_weight: float = Field(1.0, ge=0, le=1)
+    amp: Literal["off", "bf16", "fp16"] = "off"
+    seed: int = Field(0, ge=0)
+    # Cap evaluation cost per epoch (None: the whole eval loader).
+    max_eval_batches: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> TrainConfig:
+        if self.optimizer.warmup_epochs >= self.epochs and self.optimizer.warmup_epochs > 0:
+            raise ValueError(f"optimizer.warmup_epochs ({self.optimizer.warmup_epochs}) must be shorter "
+                             f"than epochs ({self.epochs})")
+        return self
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return AMP_DTYPES[self.amp]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) so a run is reproducible on the same machine."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_multiplier(step: int, steps_per_epoch: int, epochs: int, config: OptimizerConfig) -> float:
+    """The LR factor at optimizer step `step`: linear warm-up, then cosine, step or constant."""
+    epoch = step / steps_per_epoch
+    if epoch < config.warmup_epochs:
+        return (step + 1) / (config.warmup_epochs * steps_per_epoch)
+    if config.schedule == "constant":
+        return 1.0
+    progress = (epoch - config.warmup_epochs) / (epochs - config.warmup_epochs)
+    if config.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return config.gamma ** sum(epoch / epochs >= milestone for milestone in config.milestones)
+
+
+def build_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.SGD:
+    decayed = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
+    not_decayed = [p for p in model.parameters() if p.requires_grad and p.dim() <= 1]
+    return torch.optim.SGD(
+        [{"params": decayed, "weight_decay": config.weight_decay},
+         {"params": not_decayed, "weight_decay": 0.0}],
+        lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
+                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Stepped once per optimizer step, so warm-up and decay are smooth within epochs."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(lr_multiplier, steps_per_epoch=steps_per_epoch, epochs=config.epochs,
+                           config=config.optimizer))
+
+
+def to_device(images: torch.Tensor, labels: torch.Tensor,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move a batch to `device` as float images in [0, 1] and int64 labels."""
+    images = images.to(device, non_blocking=True)
+    images = images.float().div_(255) if images.dtype == torch.uint8 else images.float()
+    return images, labels.to(device, non_blocking=True).long().view(-1)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, config: TrainConfig,
+                    device: torch.device, scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
+    """One pass over `loader`: attack each batch, then update on it. Returns the epoch's train metrics."""
+    attacker = PGDAttacker(config.train_attack, config.autocast_dtype) if config.train_attack else None
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
+    weight = config.adv_loss_weight if attacker else 0.0
+    smoothing = config.optimizer.label_smoothing
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen, lr, start = 0, optimizer.param_groups[0]["lr"], time.perf_counter()
+    model.train()
+    for images, labels in loader:
+        images, labels = to_device(images, labels, device)
+        adv_images = attacker.perturb(model, images, labels) if attacker else images
+        with activation_phase("update"), _autocast(device, config.autocast_dtype):
+            if weight in (0.0, 1.0):
+                logits = model(adv_images if weight else images).float()
+                loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
+            else:
+                clean_logits, logits = model(torch.cat([images, adv_images])).float().chunk(2)
+                loss = ((1 - weight) * F.cross_entropy(clean_logits, labels, label_smoothing=smoothing)
+                        + weight * F.cross_entropy(logits, labels, label_smoothing=smoothing))
+        if not torch.isfinite(loss):
+            raise DivergenceError(f"training loss became {loss.item()} after {seen} images "
+                                  f"(lr {optimizer.param_groups[0]['lr']:.4g}); lower the lr or add warm-up")
+        optimizer.zero_grad(set_to_none=True)
+        with activation_phase("update"):
+            scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        loss_sum += loss.detach() * labels.shape[0]
+        correct += (logits.argmax(dim=1) == labels).sum()
+        seen += labels.shape[0]
+    elapsed = time.perf_counter() - start
+    return {
+        "train_loss": loss_sum.item() / max(seen, 1),
+        # Accuracy on the batches the network was updated on (adversarial ones under AT).
+        "train_robust_acc": correct.item() / max(seen, 1),
+        "images_per_s": seen / elapsed if elapsed > 0 else 0.0,
+        "lr": lr,
+    }
+
+
+def evaluate(model: nn.Module, loader: Iterable, attack: AttackConfig | None, device: torch.device,
+             autocast_dtype: torch.dtype | None = None, max_batches: int | None = None) -> dict[str, float]:
+    """Clean accuracy and, with `attack`, accuracy under it (`robust_acc`)."""
+    attacker = PGDAttacker(attack, autocast_dtype) if attack else None
+    clean_correct = robust_correct = seen = 0
+    model.eval()
+    for batch_index, (images, labels) in enumerate(loader):
+        if max_batches is not None and batch_index >= max_batches:
+            break
+        images, labels = to_device(images, labels, device)
+        with torch.no_grad(), _autocast(device, autocast_dtype):
+            clean_correct += (model(images).argmax(dim=1) == labels).sum().item()
+        if attacker:
+            adv_images = attacker.perturb(model, images, labels)
+            with torch.no_grad(), _autocast(device, autocast_dtype):
+                robust_correct += (model(adv_images).argmax(dim=1) == labels).sum().item()
+        seen += labels.shape[0]
+    metrics = {"clean_acc": clean_correct / max(seen, 1)}
+    if attacker:
+        metrics["robust_acc"] = robust_correct / max(seen, 1)
+    return metrics
+
+
+def fit(model: nn.Module, train_loader: Iterable, eval_loader: Iterable | None, config: TrainConfig,
+        device: torch.device | str | None = None,
+        on_epoch_end: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
+    """Train `model` for `config.epochs` and return one metrics dict per epoch."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(device)
+    seed_everything(config.seed)
+    optimizer = build_optimizer(model, config.optimizer)
+    scheduler = build_scheduler(optimizer, config, steps_per_epoch=len(train_loader))
+    scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
+    history = []
+    for epoch in range(config.epochs):
+        for loader in (train_loader, eval_loader):
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(epoch)
+        metrics = {"epoch": epoch, **train_one_epoch(model, train_loader, optimizer, scheduler, config,
+                                                     device, scaler)}
+        if eval_loader is not None:
+            metrics.update(evaluate(model, eval_loader, config.eval_attack, device, config.autocast_dtype,
+                                    config.max_eval_batches))
+        history.append(metrics)
+        if on_epoch_end is not None:
+            on_epoch_end(metrics)
+    return history
