@@ -63,3 +63,71 @@ def trained_digits_model(digits_split):
     assert history[-1]["clean_acc"] > 0.9, history
     return model.eval()
 
+
+# --- S3: one real S3-compatible server (moto) on loopback per session ---------------------------------------
+import socket  # noqa: E402
+import uuid  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """A moto S3 server on 127.0.0.1; returns its endpoint URL. While it runs, the standard AWS variables
+    point boto3 at it with dummy credentials (restored afterwards), as they would at a real endpoint."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_loopback_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    with pytest.MonkeyPatch.context() as environment:
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+            environment.delenv(name, raising=False)
+        environment.setenv("AWS_ENDPOINT_URL", endpoint)
+        environment.setenv("AWS_ACCESS_KEY_ID", "testing")
+        environment.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        environment.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        try:
+            yield endpoint
+        finally:
+            server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: str) -> str:
+    """A fresh, empty bucket on the session's S3 server."""
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.session.Session().client("s3").create_bucket(Bucket=name)
+    return name
+
+
+# --- FFCV data path: .beton files written once per session ------------------------------------------------
+@pytest.fixture(scope="session")
+def digits_betons(tmp_path_factory) -> dict[str, Path]:
+    """scikit-learn digits as raw .beton files with manifests: {"train": 1437 samples, "test": 360}."""
+    from trainers.data.convert import WriteOptions, convert
+
+    folder = tmp_path_factory.mktemp("digits-beton")
+    options = WriteOptions(num_workers=1)
+    paths = {split: folder / f"digits-{split}.beton" for split in ("train", "test")}
+    for split, path in paths.items():
+        convert("digits", path, split=split, options=options)
+    return paths
+
+
+@pytest.fixture
+def restore_torch_threads() -> Iterator[None]:
+    """FFCV's Loader sets torch's global intra-op thread count to its num_workers; put it back so later
+    tests run with the session's setting."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

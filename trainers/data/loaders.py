@@ -1,0 +1,263 @@
+"""FFCV loaders for a trial: any square resolution from one .beton, optionally growing with the epoch.
+
+Batch contract with the training loop: ``(images, labels)`` where images is a contiguous uint8 tensor
+``(N, 3, H, W)`` in [0, 255] (the loop divides by 255; models normalize internally) and labels is int64
+``(N,)``, also when N == 1. ``with_indices=True`` appends the int64 ``(N,)`` sample indices.
+
+FFCV 1.0.2 traps handled here:
+- batches are views into a ring of reused buffers: clone anything kept past the step;
+- ``NormalizeImage`` after ``ToTensor`` hangs the constructor on CPU, so no normalization happens here;
+- ``Squeeze()`` turns a final batch of one into a 0-d tensor, so labels use ``Squeeze(1)``;
+- QUASI_RANDOM order raises NotImplementedError with ``distributed=True``: rejected when the config is made;
+- ``num_workers`` above the visible cores fails, and the Loader sets torch's intra-op thread count to it.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.distributed
+from ffcv.fields.basics import IntDecoder
+from ffcv.fields.rgb_image import (CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder,
+                                   ResizedCropRGBImageDecoder)
+from ffcv.loader import Loader, OrderOption
+from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToTensor, ToTorchImage
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from trainers.data.convert import IMAGE_FIELD, INDEX_FIELD, LABEL_FIELD, visible_cpu_count
+from trainers.data.errors import LoaderConfigError, ManifestError
+from trainers.data.manifest import Manifest, read_manifest, verify_file
+from trainers.data.s3 import is_s3_uri, stage_dataset
+
+TrainCrop = Literal["random_resized_crop", "resize"]
+EvalCrop = Literal["center_crop", "resize"]
+_ORDERS = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM,
+           "sequential": OrderOption.SEQUENTIAL}
+
+
+def resolution_for_epoch(epoch: int, min_res: int, max_res: int, start_ramp: int, end_ramp: int,
+                         multiple: int = 32) -> int:
+    """ffcv-imagenet's progressive resizing: ``min_res`` up to ``start_ramp``, ``max_res`` from ``end_ramp``,
+    linear in between rounded to ``multiple`` (and kept within [min_res, max_res], so small images can use a
+    small multiple without the rounding jumping past either end)."""
+    if not 0 < min_res <= max_res or start_ramp >= end_ramp or multiple < 1:
+        raise ValueError(f"need 0 < min_res <= max_res, start_ramp < end_ramp and multiple >= 1; got "
+                         f"min_res={min_res} max_res={max_res} start_ramp={start_ramp} end_ramp={end_ramp} "
+                         f"multiple={multiple}")
+    if epoch <= start_ramp:
+        return min_res
+    if epoch >= end_ramp:
+        return max_res
+    interpolated = min_res + (max_res - min_res) * (epoch - start_ramp) / (end_ramp - start_ramp)
+    return max(min_res, min(max_res, round(interpolated / multiple) * multiple))
+
+
+class ProgressiveResizing(BaseModel):
+    """Train at ``min_res`` until ``start_ramp``, reach the config's ``resolution`` at ``end_ramp``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    min_res: int = Field(ge=1)
+    start_ramp: int = Field(ge=0)
+    end_ramp: int = Field(ge=1)
+    multiple: int = Field(default=32, ge=1)
+
+    @model_validator(mode="after")
+    def _ramp_goes_forward(self) -> ProgressiveResizing:
+        if self.end_ramp <= self.start_ramp:
+            raise ValueError(f"end_ramp ({self.end_ramp}) must be after start_ramp ({self.start_ramp})")
+        return self
+
+
+class LoaderConfig(BaseModel):
+    """What a trial asks of its loaders. Endpoint/credentials for s3:// paths are not here: AWS environment."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    batch_size: int = Field(ge=1)
+    resolution: int = Field(ge=1, description="final training side length in pixels")
+    eval_resolution: int | None = Field(default=None, ge=1, description="default: resolution")
+    progressive: ProgressiveResizing | None = None
+    train_crop: TrainCrop = "random_resized_crop"
+    eval_crop: EvalCrop = "center_crop"
+    crop_scale: tuple[float, float] = (0.08, 1.0)      # random_resized_crop area range
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)   # random_resized_crop aspect range
+    center_crop_ratio: float = Field(default=1.0, gt=0, le=1, description="crop side / short side; "
+                                     "1.0 keeps whole small images, ImageNet recipes use 224/256")
+    flip_probability: float = Field(default=0.5, ge=0, le=1)
+    order: Literal["random", "quasi_random", "sequential"] = "random"
+    distributed: bool = False
+    seed: int = Field(default=0, ge=0, description="same on every rank: the DDP shards depend on it")
+    drop_last: bool = True                             # training only; evaluation keeps every sample
+    num_workers: int = Field(default=1, ge=1)
+    batches_ahead: int = Field(default=3, ge=1)
+    os_cache: bool = True
+    cache_dir: Path | None = None                      # local cache for s3:// datasets
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LoaderConfig:
+        if self.order == "quasi_random" and self.distributed:
+            raise ValueError("order='quasi_random' is not available with distributed=True in FFCV 1.0.2; "
+                             "use order='random'")
+        if self.progressive and self.progressive.min_res > self.resolution:
+            raise ValueError(f"progressive.min_res ({self.progressive.min_res}) exceeds resolution "
+                             f"({self.resolution})")
+        for name, (low, high) in (("crop_scale", self.crop_scale), ("crop_ratio", self.crop_ratio)):
+            if not 0 < low <= high:
+                raise ValueError(f"{name} must be (low, high) with 0 < low <= high, got {(low, high)}")
+        return self
+
+    def train_resolution(self, epoch: int) -> int:
+        if self.progressive is None:
+            return self.resolution
+        return resolution_for_epoch(epoch, self.progressive.min_res, self.resolution, self.progressive.start_ramp,
+                                    self.progressive.end_ramp, self.progressive.multiple)
+
+
+def _whole_image(height: int, width: int, _scale: object, _ratio: object) -> tuple[int, int, int, int]:
+    return 0, 0, height, width
+
+
+class ResizeRGBImageDecoder(ResizedCropRGBImageDecoder):
+    """Resize the whole image to ``output_size`` (no crop; the aspect ratio follows the output)."""
+
+    def __init__(self, output_size: tuple[int, int]) -> None:
+        super().__init__(output_size)
+        self.scale = None
+        self.ratio = None
+
+    @property
+    def get_crop_generator(self) -> Callable[..., tuple[int, int, int, int]]:
+        return _whole_image
+
+
+_DECODERS: Mapping[str, Callable[[tuple[int, int], LoaderConfig], ResizedCropRGBImageDecoder]] = {
+    "random_resized_crop": lambda size, config: RandomResizedCropRGBImageDecoder(
+        size, scale=config.crop_scale, ratio=config.crop_ratio),
+    "center_crop": lambda size, config: CenterCropRGBImageDecoder(size, ratio=config.center_crop_ratio),
+    "resize": lambda size, _config: ResizeRGBImageDecoder(size),
+}
+
+
+class EpochLoader:
+    """An FFCV Loader whose output resolution follows ``resolution_at(epoch)``.
+
+    Iterating runs the loader's next epoch (0, 1, ... unless ``set_epoch`` said otherwise, e.g. on resume);
+    the epoch picks both the resolution and, like DistributedSampler.set_epoch, the shuffle. Changing the
+    decoder's ``output_size`` between epochs needs no recompilation: FFCV allocates buffers per epoch."""
+
+    def __init__(self, loader: Loader, decoder: ResizedCropRGBImageDecoder,
+                 resolution_at: Callable[[int], int], manifest: Manifest) -> None:
+        self.loader = loader
+        self.decoder = decoder
+        self.resolution_at = resolution_at
+        self.manifest = manifest
+
+    @property
+    def next_epoch(self) -> int:
+        return self.loader.next_epoch
+
+    @property
+    def resolution(self) -> int:
+        """Side length of the images the next epoch yields."""
+        return self.resolution_at(self.loader.next_epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.next_epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        self.decoder.output_size = (self.resolution, self.resolution)
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+@dataclass(frozen=True)
+class TrialLoaders:
+    train: EpochLoader
+    eval: EpochLoader
+    class_names: tuple[str, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def open_dataset(path: str | Path, cache_dir: Path | None = None) -> tuple[Path, Manifest]:
+    """A local .beton with its manifest: ``s3://`` paths are staged (downloaded once per node, sha256-checked);
+    local files are checked against their manifest's size (hashing large files on every start is too slow)."""
+    if is_s3_uri(path):
+        staged = stage_dataset(str(path), cache_dir)
+        return staged.path, staged.manifest
+    local = Path(path)
+    if not local.is_file():
+        raise ManifestError(f"dataset {local} does not exist; write it with satscale-convert or fix the path")
+    manifest = read_manifest(local)
+    verify_file(local, manifest, check_sha256=False)
+    missing = {IMAGE_FIELD, LABEL_FIELD, INDEX_FIELD} - set(manifest.fields)
+    if missing:
+        raise ManifestError(f"{local} lacks fields {sorted(missing)}; re-convert it with satscale-convert")
+    return local, manifest
+
+
+def _check_process(config: LoaderConfig) -> None:
+    cores = visible_cpu_count()
+    if config.num_workers > cores:
+        raise LoaderConfigError(f"num_workers={config.num_workers} but this process sees {cores} cores; "
+                                "FFCV fails with more workers than cores: lower num_workers")
+    if config.distributed and not torch.distributed.is_initialized():
+        raise LoaderConfigError("distributed=True needs torch.distributed initialized before the loader is "
+                                "built (init_process_group, or build it inside the Ray Train worker)")
+
+
+def _scalar_pipeline() -> list:
+    return [IntDecoder(), ToTensor(), Squeeze(1)]  # Squeeze(1), not Squeeze(): a batch of one stays (1,)
+
+
+def _build(path: str | Path, config: LoaderConfig, *, crop: str, resolution_at: Callable[[int], int],
+           order: OrderOption, flip_probability: float, drop_last: bool, with_indices: bool) -> EpochLoader:
+    _check_process(config)
+    local, manifest = open_dataset(path, config.cache_dir)
+    size = resolution_at(0)
+    decoder = _DECODERS[crop]((size, size), config)
+    flip = [RandomHorizontalFlip(flip_probability)] if flip_probability > 0 else []
+    loader = Loader(str(local), batch_size=config.batch_size, num_workers=config.num_workers, order=order,
+                    distributed=config.distributed, seed=config.seed, drop_last=drop_last,
+                    batches_ahead=config.batches_ahead, os_cache=config.os_cache,
+                    pipelines={IMAGE_FIELD: [decoder, *flip, ToTensor(), ToTorchImage(channels_last=False)],
+                               LABEL_FIELD: _scalar_pipeline(),
+                               INDEX_FIELD: _scalar_pipeline() if with_indices else None})
+    if loader.reader.num_samples != manifest.num_samples:
+        raise ManifestError(f"{local} holds {loader.reader.num_samples} samples but its manifest says "
+                            f"{manifest.num_samples}; re-convert or re-stage it")
+    return EpochLoader(loader, decoder, resolution_at, manifest)
+
+
+def build_train_loader(path: str | Path, config: LoaderConfig, *, with_indices: bool = False) -> EpochLoader:
+    """Shuffled (``config.order``), cropped or resized to ``config.train_resolution(epoch)``, flipped."""
+    return _build(path, config, crop=config.train_crop, resolution_at=config.train_resolution,
+                  order=_ORDERS[config.order], flip_probability=config.flip_probability,
+                  drop_last=config.drop_last, with_indices=with_indices)
+
+
+def build_eval_loader(path: str | Path, config: LoaderConfig, *, with_indices: bool = False) -> EpochLoader:
+    """Sequential, every sample kept, no flips, at the fixed evaluation resolution. With distributed=True each
+    rank reads its shard, padded like DistributedSampler (up to world_size - 1 repeated samples)."""
+    resolution = config.eval_resolution or config.resolution
+    return _build(path, config, crop=config.eval_crop, resolution_at=lambda _epoch: resolution,
+                  order=OrderOption.SEQUENTIAL, flip_probability=0.0, drop_last=False, with_indices=with_indices)
+
+
+def build_loaders(train_path: str | Path, eval_path: str | Path, config: LoaderConfig, *,
+                  train_indices: bool = False) -> TrialLoaders:
+    """Train and eval loaders for one trial; both files must describe the same classes.
+    ``train_indices`` adds each sample's index as a third batch element of the train loader."""
+    train = build_train_loader(train_path, config, with_indices=train_indices)
+    evaluation = build_eval_loader(eval_path, config)
+    if train.manifest.class_names != evaluation.manifest.class_names:
+        raise ManifestError(f"{train_path} and {eval_path} name different classes "
+                            f"({train.manifest.num_classes} vs {evaluation.manifest.num_classes}); convert both "
+                            "splits from the same source")
+    return TrialLoaders(train=train, eval=evaluation, class_names=train.manifest.class_names)
