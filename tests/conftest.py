@@ -131,3 +131,29 @@ def restore_torch_threads() -> Iterator[None]:
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+# --- Ray: one local cluster per session ----------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server, tmp_path_factory) -> Iterator[None]:
+    """A real local Ray (head + workers on this machine), shared by every Ray test.
+
+    Started after the S3 server so its worker processes inherit the standard AWS variables, as nodes of a
+    real cluster would from their environment. 4 logical CPUs on 2 cores: Train workers and Tune trial
+    drivers need CPU slots, not real cores. Ray's temp dir is short because its socket paths are limited.
+    """
+    import shutil
+    import tempfile
+
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
+    with pytest.MonkeyPatch.context() as environment:
+        environment.setenv("RAY_AIR_LOCAL_CACHE_DIR", str(tmp_path_factory.mktemp("ray-results")))
+        environment.setenv("RAY_DEDUP_LOGS", "0")
+        ray.init(num_cpus=4, _temp_dir=temp_dir, configure_logging=False, log_to_driver=True)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+            shutil.rmtree(temp_dir, ignore_errors=True)

@@ -67,6 +67,9 @@ class TrainConfig(BaseModel):
     # 1.0: update on adversarial images only; 0.5: half clean, half adversarial loss.
     adv_loss_weight: float = Field(1.0, ge=0, le=1)
     amp: Literal["off", "bf16", "fp16"] = "off"
+    channels_last: bool = False
+    # torch.compile the model (attack and update both run the compiled graph).
+    compile: bool = False
     seed: int = Field(0, ge=0)
     # Cap evaluation cost per epoch (None: the whole eval loader).
     max_eval_batches: int | None = Field(None, ge=1)
@@ -120,12 +123,44 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
                            config=config.optimizer))
 
 
-def to_device(images: torch.Tensor, labels: torch.Tensor,
-              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device,
+              channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Move a batch to `device` as float images in [0, 1] and int64 labels."""
     images = images.to(device, non_blocking=True)
     images = images.float().div_(255) if images.dtype == torch.uint8 else images.float()
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
     return images, labels.to(device, non_blocking=True).long().view(-1)
+
+
+def optimize_for_device(model: nn.Module, config: TrainConfig) -> nn.Module:
+    """The module to train: `model` in channels_last memory format and/or compiled, as `config` asks.
+
+    Parameters are shared with `model`, so its state dict stays the one to checkpoint.
+    """
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return torch.compile(model) if config.compile else model
+
+
+def unwrap_parallel(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel: attacks need no gradient synchronisation."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` summed over all ranks when torch.distributed is running (else unchanged), on its device."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return tensor
+    backend_device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    reduced = tensor.to(backend_device, copy=True)
+    torch.distributed.all_reduce(reduced)
+    return reduced.to(tensor.device)
+
+
+def global_sum(*values: torch.Tensor | float) -> list[float]:
+    """Each value summed over all ranks (one all-reduce for all of them)."""
+    return all_reduce_sum(torch.tensor([float(v) for v in values], dtype=torch.float64)).tolist()
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -135,7 +170,8 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, config: TrainConfig,
                     device: torch.device, scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
-    """One pass over `loader`: attack each batch, then update on it. Returns the epoch's train metrics."""
+    """One pass over `loader`: attack each batch, then update on it. Returns the epoch's train metrics
+    (summed over ranks under torch.distributed)."""
     attacker = PGDAttacker(config.train_attack, config.autocast_dtype) if config.train_attack else None
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     weight = config.adv_loss_weight if attacker else 0.0
@@ -144,9 +180,9 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen, lr, start = 0, optimizer.param_groups[0]["lr"], time.perf_counter()
     model.train()
-    for images, labels in loader:
-        images, labels = to_device(images, labels, device)
-        adv_images = attacker.perturb(model, images, labels) if attacker else images
+    for images, labels, *_ in loader:
+        images, labels = to_device(images, labels, device, config.channels_last)
+        adv_images = attacker.perturb(unwrap_parallel(model), images, labels) if attacker else images
         with activation_phase("update"), _autocast(device, config.autocast_dtype):
             if weight in (0.0, 1.0):
                 logits = model(adv_images if weight else images).float()
@@ -169,32 +205,38 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
         correct += (logits.argmax(dim=1) == labels).sum()
         seen += labels.shape[0]
     elapsed = time.perf_counter() - start
+    loss_total, correct_total, seen_total = global_sum(loss_sum, correct, seen)
     return {
-        "train_loss": loss_sum.item() / max(seen, 1),
+        "train_loss": loss_total / max(seen_total, 1),
         # Accuracy on the batches the network was updated on (adversarial ones under AT).
-        "train_robust_acc": correct.item() / max(seen, 1),
-        "images_per_s": seen / elapsed if elapsed > 0 else 0.0,
+        "train_robust_acc": correct_total / max(seen_total, 1),
+        "images_per_s": seen_total / elapsed if elapsed > 0 else 0.0,
         "lr": lr,
     }
 
 
 def evaluate(model: nn.Module, loader: Iterable, attack: AttackConfig | None, device: torch.device,
-             autocast_dtype: torch.dtype | None = None, max_batches: int | None = None) -> dict[str, float]:
-    """Clean accuracy and, with `attack`, accuracy under it (`robust_acc`)."""
+             autocast_dtype: torch.dtype | None = None, max_batches: int | None = None,
+             channels_last: bool = False) -> dict[str, float]:
+    """Clean accuracy and, with `attack`, accuracy under it (`robust_acc`); over all ranks' shards."""
     attacker = PGDAttacker(attack, autocast_dtype) if attack else None
-    clean_correct = robust_correct = seen = 0
+    # Device-side counters: no host sync per batch on a GPU.
+    clean_correct = torch.zeros((), device=device, dtype=torch.long)
+    robust_correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
     model.eval()
-    for batch_index, (images, labels) in enumerate(loader):
+    for batch_index, (images, labels, *_) in enumerate(loader):
         if max_batches is not None and batch_index >= max_batches:
             break
-        images, labels = to_device(images, labels, device)
+        images, labels = to_device(images, labels, device, channels_last)
         with torch.no_grad(), _autocast(device, autocast_dtype):
-            clean_correct += (model(images).argmax(dim=1) == labels).sum().item()
+            clean_correct += (model(images).argmax(dim=1) == labels).sum()
         if attacker:
-            adv_images = attacker.perturb(model, images, labels)
+            adv_images = attacker.perturb(unwrap_parallel(model), images, labels)
             with torch.no_grad(), _autocast(device, autocast_dtype):
-                robust_correct += (model(adv_images).argmax(dim=1) == labels).sum().item()
+                robust_correct += (model(adv_images).argmax(dim=1) == labels).sum()
         seen += labels.shape[0]
+    clean_correct, robust_correct, seen = global_sum(clean_correct, robust_correct, seen)
     metrics = {"clean_acc": clean_correct / max(seen, 1)}
     if attacker:
         metrics["robust_acc"] = robust_correct / max(seen, 1)
@@ -206,9 +248,9 @@ def fit(model: nn.Module, train_loader: Iterable, eval_loader: Iterable | None, 
         on_epoch_end: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
     """Train `model` for `config.epochs` and return one metrics dict per epoch."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    model.to(device)
     seed_everything(config.seed)
     optimizer = build_optimizer(model, config.optimizer)
+    model = optimize_for_device(model.to(device), config)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch=len(train_loader))
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     history = []
@@ -220,7 +262,7 @@ def fit(model: nn.Module, train_loader: Iterable, eval_loader: Iterable | None, 
                                                      device, scaler)}
         if eval_loader is not None:
             metrics.update(evaluate(model, eval_loader, config.eval_attack, device, config.autocast_dtype,
-                                    config.max_eval_batches))
+                                    config.max_eval_batches, config.channels_last))
         history.append(metrics)
         if on_epoch_end is not None:
             on_epoch_end(metrics)

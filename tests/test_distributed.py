@@ -1,0 +1,165 @@
+"""SAT on Ray Train: 2 CPU workers (gloo) on a real local Ray cluster, FFCV loaders over the digits .beton."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+import torch
+
+from trainers.checkpoint import STATE_FILE, load_training_state, rng_file
+from trainers.distributed import build_trainer
+from trainers.errors import ConfigError
+from trainers.training import lr_multiplier
+from trainers.trial import TrialConfig
+
+EPS = 0.1
+
+
+def digits_trial(betons, epochs=2, num_workers=2, **overrides) -> TrialConfig:
+    values = {
+        "model": {"arch": "resnet18", "num_classes": 10, "activation": "silu", "width_mult": 0.25,
+                  "depth_mult": 0.5, "resolution": 32},
+        "train": {"epochs": epochs, "optimizer": {"lr": 0.2, "warmup_epochs": 0.5},
+                  "train_attack": {"eps": EPS, "step_size": 1.25 * EPS, "steps": 1},
+                  "eval_attack": {"eps": EPS, "step_size": EPS / 4, "steps": 3}, "max_eval_batches": 2},
+        "data": {"train_path": str(betons["train"]), "eval_path": str(betons["test"]),
+                 "loader_options": {"train_crop": "resize", "flip_probability": 0.0}},
+        "workers": {"num_workers": num_workers},
+        "global_batch_size": 64,
+        "reference_batch_size": 128,
+    }
+    for key, value in overrides.items():
+        values[key] = {**values[key], **value} if isinstance(value, dict) else value
+    return TrialConfig.parse(values)
+
+
+def reported_epochs(result) -> list[int]:
+    return sorted(int(epoch) for epoch in result.metrics_dataframe["epoch"])
+
+
+def test_trial_config_batch_and_lr_arithmetic(digits_betons):
+    trial = digits_trial(digits_betons, num_workers=2, lr_scaling="sqrt")
+    assert trial.per_worker_batch_size == 32
+    assert trial.scaled_lr == pytest.approx(0.2 * (64 / 128) ** 0.5)
+    assert trial.effective_train_config().optimizer.lr == pytest.approx(trial.scaled_lr)
+    loader = trial.loader_config()
+    assert (loader.batch_size, loader.resolution, loader.distributed) == (32, 32, True)
+    assert digits_trial(digits_betons).scaled_lr == pytest.approx(0.1)  # linear by default
+    restored = TrialConfig.parse(trial.model_dump(mode="json"))  # the dict that crosses into Ray
+    assert restored == trial
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"global_batch_size": 63}, r"global_batch_size \(63\) must be divisible by workers.num_workers \(2\)"),
+    ({"workers": {"num_workers": 0}}, "workers.num_workers"),
+    ({"train": {"epochs": 2, "optimizer": {"lr": -1}}}, "train.optimizer.lr"),
+    ({"data": {"loader_options": {"batch_size": 8}}}, "loader_options may not set"),
+    ({"data": {"loader_options": {"order": "quasi-random"}}}, "data.loader_options.order"),
+    ({"model": {"arch": "resnet18", "num_classes": 10, "widht_mult": 1}}, "model.widht_mult: unknown key"),
+    ({"max_failure": 3}, "max_failure: unknown key"),
+])
+def test_trial_config_rejects_bad_fields(digits_betons, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        digits_trial(digits_betons, **overrides)
+
+
+def test_two_workers_ddp_disjoint_shards_identical_weights(ray_cluster, digits_betons, tmp_path):
+    trial = digits_trial(digits_betons, epochs=2)
+    result = build_trainer(trial, str(tmp_path / "storage"), "ddp-two-workers").fit()
+    assert result.error is None
+    assert result.return_value["world_size"] == 2
+    assert result.return_value["replicas_in_sync"]
+    assert reported_epochs(result) == [0, 1]
+    frame = result.metrics_dataframe
+    steps_per_epoch = 1437 // 2 // 32  # per rank, last partial batch dropped
+    assert (frame["samples_repeated"] == 0).all()
+    assert (frame["samples_trained"] == steps_per_epoch * 32 * 2).all()
+    assert (frame["per_worker_batch_size"] == 32).all() and (frame["global_batch_size"] == 64).all()
+    for column in ("clean_acc", "robust_acc", "train_loss", "train_robust_acc", "images_per_s", "lr",
+                   "resolution"):
+        assert frame[column].notna().all(), column
+    assert frame["clean_acc"].iloc[-1] > 0.3  # chance is 0.1
+    with result.checkpoint.as_directory() as directory:
+        assert {STATE_FILE, rng_file(0), rng_file(1)} <= set(os.listdir(directory))
+        state = load_training_state(Path(directory))
+    assert state["epoch"] == 1
+    # The checkpoint rebuilds its model on its own: a plain state dict (no DDP/compile prefixes).
+    from trainers.models import build_model_from_config
+    build_model_from_config(TrialConfig.parse(state["trial"]).model).load_state_dict(state["model"])
+
+
+def _kill_a_worker_during_epoch(storage: Path, delay_s: float, outcome: dict) -> None:
+    """Wait for the first checkpoint, let the next epoch get going, then SIGKILL one Train worker process."""
+    try:
+        from ray.util.state import list_actors
+
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not list(storage.glob("*/checkpoint_*/" + STATE_FILE)):
+            time.sleep(0.2)
+        time.sleep(delay_s)
+        workers = [actor for actor in list_actors(filters=[("state", "=", "ALIVE")])
+                   if actor.class_name.endswith("RayTrainWorker")]
+        outcome["workers"] = [(actor.class_name, actor.pid) for actor in workers]
+        os.kill(workers[-1].pid, signal.SIGKILL)
+        outcome["killed"] = workers[-1].pid
+    except Exception as error:  # surfaced by the test: a thread's exception is otherwise lost
+        outcome["error"] = repr(error)
+
+
+def test_sigkilled_worker_resumes_from_the_last_checkpoint(ray_cluster, digits_betons, tmp_path):
+    trial = digits_trial(digits_betons, epochs=3, max_failures=2,
+                         train={"train_attack": {"eps": EPS, "step_size": EPS / 2, "steps": 3}})
+    storage = tmp_path / "storage"
+    outcome: dict = {}
+    killer = threading.Thread(target=_kill_a_worker_during_epoch, args=(storage, 1.5, outcome), daemon=True)
+    killer.start()
+    result = build_trainer(trial, str(storage), "killed-worker").fit()
+    killer.join(timeout=5)
+    assert "killed" in outcome, f"no worker was killed, so no failure was exercised: {outcome}"
+    assert result.error is None
+    assert reported_epochs(result) == [0, 1, 2]  # every epoch once: none lost, none repeated
+    assert result.return_value["replicas_in_sync"]
+    # The LR schedule continued where it stopped: each epoch ends on the pure schedule's value.
+    frame = result.metrics_dataframe.sort_values("epoch")
+    steps_per_epoch = int(frame["samples_trained"].iloc[0]) // trial.global_batch_size
+    for epoch, lr in zip(frame["epoch"], frame["lr"]):
+        expected = trial.scaled_lr * lr_multiplier((epoch + 1) * steps_per_epoch - 1, steps_per_epoch,
+                                                   trial.train.epochs, trial.train.optimizer)
+        assert lr == pytest.approx(expected), epoch
+
+
+def test_checkpoints_on_s3_and_resume_from_them(ray_cluster, digits_betons, s3_bucket):
+    storage = f"s3://{s3_bucket}/runs"
+    first = build_trainer(digits_trial(digits_betons, epochs=1), storage, "s3-resume").fit()
+    assert first.error is None and reported_epochs(first) == [0]
+    keys = [item["Key"] for item in boto3.client("s3").list_objects_v2(Bucket=s3_bucket)["Contents"]]
+    assert any(key.endswith(STATE_FILE) for key in keys), keys
+    # Same run name, longer schedule: the trainer picks up the S3 checkpoint and trains only epoch 1.
+    second = build_trainer(digits_trial(digits_betons, epochs=2), storage, "s3-resume").fit()
+    assert second.error is None
+    assert second.return_value["final_metrics"]["epoch"] == 1
+    assert reported_epochs(second) == [0, 1]
+    with second.checkpoint.as_directory() as directory:
+        assert load_training_state(Path(directory))["epoch"] == 1
+
+
+def test_compile_and_channels_last_and_bf16_on_cpu(digits_betons, tensor_loader, digits_split):
+    """The GPU switches run on CPU too (without Ray: the same functions the worker calls)."""
+    from trainers.models import build_model
+    from trainers.training import TrainConfig, fit
+
+    (images, labels), _ = digits_split
+    model = build_model("resnet18", 10, activation="gelu", width_mult=0.125, depth_mult=0.25, resolution=32)
+    config = TrainConfig(epochs=1, amp="bf16", channels_last=True, compile=True,
+                         train_attack={"eps": EPS, "step_size": EPS, "steps": 1},
+                         eval_attack={"eps": EPS, "step_size": EPS / 2, "steps": 2})
+    before = model.network.head[-1].weight.detach().clone()
+    history = fit(model, tensor_loader(images[:128], labels[:128]), tensor_loader(images[:64], labels[:64]),
+                  config)
+    assert torch.isfinite(torch.tensor(history[0]["train_loss"]))
+    assert not torch.equal(before, model.network.head[-1].weight)

@@ -1,0 +1,139 @@
+"""SAT on Ray Train: `train_loop_per_worker(config)` on N data-parallel workers, and the TorchTrainer around it.
+
+Each worker builds its FFCV loaders (sharded when N > 1), the model (DDP through `prepare_model`), optimizer
+and schedule from one validated `TrialConfig`, resumes from `ray.train.get_checkpoint()` when there is one,
+and reports once per epoch with a checkpoint. Storage is a local folder or `s3://bucket/prefix`; S3 endpoint
+and credentials come from the standard AWS environment (pyarrow reads `AWS_ENDPOINT_URL` and friends).
+"""
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from torch import nn
+
+from trainers.checkpoint import (load_rng_state, load_training_state, restore_rng_state, save_rng_state,
+                                 save_training_state)
+from trainers.data.loaders import build_loaders
+from trainers.errors import ConfigError
+from trainers.models import build_model_from_config
+from trainers.training import (all_reduce_sum, build_optimizer, build_scheduler, evaluate, optimize_for_device,
+                               seed_everything, train_one_epoch)
+from trainers.trial import TrialConfig
+
+
+class ShardRecorder:
+    """Counts which samples this rank trained on in an epoch; summed over ranks it shows the sharding."""
+
+    def __init__(self, num_samples: int) -> None:
+        self.counts = torch.zeros(num_samples, dtype=torch.int32)
+
+    def wrap(self, loader):
+        for images, labels, indices in loader:
+            indices = indices.to("cpu", torch.long).view(-1)
+            self.counts.index_add_(0, indices, torch.ones_like(indices, dtype=torch.int32))
+            yield images, labels
+
+    def summary(self) -> dict[str, int]:
+        counts = all_reduce_sum(self.counts)
+        return {"samples_trained": int((counts > 0).sum()), "samples_repeated": int((counts > 1).sum())}
+
+
+def parameters_digest(model: nn.Module) -> str:
+    """sha256 of every parameter's bytes: equal on all ranks exactly when the replicas agree."""
+    digest = hashlib.sha256()
+    for param in model.parameters():
+        digest.update(param.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _all_ranks(value: Any) -> list[Any]:
+    if not torch.distributed.is_initialized():
+        return [value]
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train's per-worker function. `config` is `TrialConfig.model_dump(mode="json")`."""
+    trial = TrialConfig.parse(config)
+    train_config = trial.effective_train_config()
+    rank = ray.train.get_context().get_world_rank()
+    device = ray.train.torch.get_device()
+
+    loaders = build_loaders(trial.data.train_path, trial.data.eval_path, trial.loader_config(),
+                            train_indices=True)
+    if loaders.num_classes != trial.model.num_classes:
+        raise ConfigError(f"model.num_classes is {trial.model.num_classes} but {trial.data.train_path} has "
+                          f"{loaders.num_classes} classes; set model.num_classes: {loaders.num_classes}")
+    seed_everything(train_config.seed)  # identical initial weights on every rank
+    model = build_model_from_config(trial.model).to(device)
+    optimizer = build_optimizer(model, train_config.optimizer)
+    scheduler = build_scheduler(optimizer, train_config, steps_per_epoch=len(loaders.train))
+    scaler = torch.amp.GradScaler(device.type, enabled=train_config.amp == "fp16")
+    seed_everything(train_config.seed + rank)  # but each rank its own attack noise
+
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = load_training_state(Path(directory), map_location=device)
+            rng_state = load_rng_state(Path(directory), rank)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch = state["epoch"] + 1
+        if rng_state is not None:
+            restore_rng_state(rng_state)
+        else:  # resumed with more ranks than wrote the checkpoint
+            seed_everything(train_config.seed + rank + 1000 * start_epoch)
+
+    runnable = ray.train.torch.prepare_model(optimize_for_device(model, train_config))
+    batch_summary = trial.batch_summary()
+    metrics: dict[str, Any] = {}
+    for epoch in range(start_epoch, train_config.epochs):
+        loaders.train.set_epoch(epoch)
+        loaders.eval.set_epoch(epoch)
+        resolution = loaders.train.resolution
+        shards = ShardRecorder(loaders.train.manifest.num_samples)
+        metrics = {"epoch": epoch, "resolution": resolution, **batch_summary,
+                   **train_one_epoch(runnable, shards.wrap(loaders.train), optimizer, scheduler, train_config,
+                                     device, scaler),
+                   **shards.summary(),
+                   **evaluate(runnable, loaders.eval, train_config.eval_attack, device,
+                              train_config.autocast_dtype, train_config.max_eval_batches,
+                              train_config.channels_last)}
+        with tempfile.TemporaryDirectory(prefix="satscale-ckpt-") as directory:
+            if rank == 0:
+                save_training_state(Path(directory), {
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                    "trial": trial.model_dump(mode="json"), "metrics": metrics})
+            save_rng_state(Path(directory), rank)
+            # Every rank reports (Train V2 treats report as a barrier); their directories are merged.
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
+    digests = _all_ranks(parameters_digest(model))
+    return {"final_metrics": metrics, "replicas_in_sync": len(set(digests)) == 1, "world_size": len(digests)}
+
+
+def build_trainer(trial: TrialConfig, storage_path: str, name: str) -> TorchTrainer:
+    """A TorchTrainer for `trial`. Re-running a trainer with the same `name` and `storage_path` resumes."""
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=trial.model_dump(mode="json"),
+        scaling_config=ScalingConfig(num_workers=trial.workers.num_workers, use_gpu=trial.workers.use_gpu,
+                                     resources_per_worker=trial.workers.resources_per_worker()),
+        run_config=RunConfig(
+            name=name, storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=trial.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=trial.checkpoints_to_keep)),
+    )
