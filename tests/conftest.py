@@ -1,11 +1,32 @@
 """Shared fixtures: one of each server per test session, tiny data, fixed seeds."""
 from __future__ import annotations
 
-# --- SAT core: real data (scikit-learn's digits), upscaled to 3x32x32 images in [0, 1] ---------------------
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
+
+# Ray 2.59+ heads require token authentication, and Ray reads RAY_AUTH_MODE once, at import: clients (this
+# process, study drivers, the job CLI) then send the token `ray start` writes to ~/.ray/auth_token.
+os.environ["RAY_AUTH_MODE"] = "token"
+
+# The MLflow server fixture (real `mlflow server`, artifacts on the loopback S3 server).
+pytest_plugins = ["tests.fixtures.mlflow_server"]
+from tests.fixtures.network import free_loopback_port  # noqa: E402
+
+# --- SAT core: real data (scikit-learn's digits), upscaled to 3x32x32 images in [0, 1] ---------------------
 
 DIGITS_RESOLUTION = 32
 
@@ -65,16 +86,6 @@ def trained_digits_model(digits_split):
 
 
 # --- S3: one real S3-compatible server (moto) on loopback per session ---------------------------------------
-import socket  # noqa: E402
-import uuid  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-
-def _free_loopback_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -83,7 +94,7 @@ def s3_server() -> Iterator[str]:
     point boto3 at it with dummy credentials (restored afterwards), as they would at a real endpoint."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_loopback_port()
+    port = free_loopback_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
@@ -134,26 +145,78 @@ def restore_torch_threads() -> Iterator[None]:
 
 
 # --- Ray: one local cluster per session ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class RayHead:
+    address: str        # GCS address for ray.init / RAY_ADDRESS
+    dashboard_url: str  # for `ray job submit --address`
+    temp_dir: str
+
+
+def _ray_cli() -> str:
+    return str(Path(sys.executable).with_name("ray"))
+
+
+def _wait_for_job_agent(dashboard_url: str, deadline: float) -> None:
+    """`ray start` returns before the node's job agent registers; run a trivial job until one succeeds."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(dashboard_url)
+    while True:
+        try:
+            job_id = client.submit_job(entrypoint="true")
+            while (status := client.get_job_status(job_id)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+                time.sleep(0.5)
+            if status == JobStatus.SUCCEEDED:
+                return
+        except RuntimeError:  # "No available agent to submit job, please try again later"
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the Ray head at {dashboard_url} accepts no jobs")
+        time.sleep(1)
+
+
 @pytest.fixture(scope="session")
-def ray_cluster(s3_server, tmp_path_factory) -> Iterator[None]:
-    """A real local Ray (head + workers on this machine), shared by every Ray test.
+def ray_cluster(s3_server) -> Iterator[RayHead]:
+    """A real Ray head on loopback (`ray start --head`), shared by every Ray test; this process joins it.
 
-    Started after the S3 server so its worker processes inherit the standard AWS variables, as nodes of a
-    real cluster would from their environment. 4 logical CPUs on 2 cores: Train workers and Tune trial
-    drivers need CPU slots, not real cores. Ray's temp dir is short because its socket paths are limited.
+    Started after the S3 server so its processes inherit the standard AWS variables, as nodes of a real
+    cluster would from their environment. 4 logical CPUs on 2 cores: Train workers need CPU slots, not
+    cores. Every port is a free one (another Ray on the machine must not collide with it); the temp dir is
+    short because Ray's socket paths are limited. Only this head is stopped at the end.
     """
-    import shutil
-    import tempfile
-
     import ray
 
     temp_dir = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
-    with pytest.MonkeyPatch.context() as environment:
-        environment.setenv("RAY_AIR_LOCAL_CACHE_DIR", str(tmp_path_factory.mktemp("ray-results")))
-        environment.setenv("RAY_DEDUP_LOGS", "0")
-        ray.init(num_cpus=4, _temp_dir=temp_dir, configure_logging=False, log_to_driver=True)
+    ports = {flag: free_loopback_port() for flag in (
+        "port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+        "metrics-export-port", "runtime-env-agent-port", "ray-client-server-port")}
+    environment = {**os.environ, "RAY_DEDUP_LOGS": "0"}  # results go to each test's explicit storage_path
+    log = open(Path(temp_dir) / "head.log", "w")
+    head = subprocess.Popen(
+        [_ray_cli(), "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=4",
+         f"--temp-dir={temp_dir}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+         "--disable-usage-stats", *(f"--{flag}={port}" for flag, port in ports.items())],
+        env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"127.0.0.1:{ports['port']}"
+    dashboard_url = f"http://127.0.0.1:{ports['dashboard-port']}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                ray.init(address=address, configure_logging=False)
+                break
+            except Exception:
+                if head.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"ray head did not start: {(Path(temp_dir) / 'head.log').read_text()}")
+                time.sleep(1)
+        _wait_for_job_agent(dashboard_url, deadline)
+        yield RayHead(address, dashboard_url, temp_dir)
+    finally:
+        ray.shutdown()
+        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops what it started
         try:
-            yield
-        finally:
-            ray.shutdown()
-            shutil.rmtree(temp_dir, ignore_errors=True)
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -110,7 +110,7 @@ def test_grayscale_input_channels():
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"arch": "resnet19"}, "arch: Value error, unknown arch; valid: resnet18"),
+    ({"arch": "resnet19"}, "arch: unknown arch; accepted: efficientnet_b0"),
     ({"widht_mult": 2}, "widht_mult: unknown key"),
     ({"width_mult": -1}, "width_mult: Input should be greater than 0"),
     ({"activation": "swish"}, "unknown activation 'swish'"),

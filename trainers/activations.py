@@ -41,40 +41,40 @@ def activation_phase(phase: Phase) -> Iterator[None]:
         _current_phase.reset(token)
 
 
-class SmoothReLU(nn.Module):
+class _LearnableBeta(nn.Module):
+    """An activation with one learnable sharpness parameter beta > 0 (one per layer)."""
+
+    def __init__(self, beta: float = 10.0, learnable: bool = True) -> None:
+        super().__init__()
+        _require_positive("beta", beta)
+        self.beta = nn.Parameter(torch.tensor(float(beta)), requires_grad=learnable)
+
+    def positive_beta(self) -> torch.Tensor:
+        # Keeps a learnable beta usable if an update pushes it through zero.
+        return self.beta.abs().clamp_min(1e-3)
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta.item():.4g}"
+
+
+class SmoothReLU(_LearnableBeta):
     """SAT's SmoothReLU: relu(x - log(beta*|x| + 1) / beta), a learnable beta > 0.
 
     Equal to x - log(beta*x + 1)/beta for x >= 0 and 0 below; its derivative beta*x/(beta*x + 1) is 0 at 0+,
     so, unlike ReLU's, it is continuous.
     """
 
-    def __init__(self, beta: float = 10.0, learnable: bool = True) -> None:
-        super().__init__()
-        _require_positive("beta", beta)
-        self.beta = nn.Parameter(torch.tensor(float(beta)), requires_grad=learnable)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        beta = _positive(self.beta)
+        beta = self.positive_beta()
         return F.relu(x - torch.log1p(beta * x.abs()) / beta)
 
-    def extra_repr(self) -> str:
-        return f"beta={self.beta.item():.4g}"
 
-
-class ParametricSoftplus(nn.Module):
+class ParametricSoftplus(_LearnableBeta):
     """Softplus with a learnable sharpness: log(1 + exp(beta*x)) / beta (the paper's ablation choice)."""
 
-    def __init__(self, beta: float = 10.0, learnable: bool = True) -> None:
-        super().__init__()
-        _require_positive("beta", beta)
-        self.beta = nn.Parameter(torch.tensor(float(beta)), requires_grad=learnable)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        beta = _positive(self.beta)
+        beta = self.positive_beta()
         return F.softplus(x * beta) / beta
-
-    def extra_repr(self) -> str:
-        return f"beta={self.beta.item():.4g}"
 
 
 class _ReLUWithSurrogateGradient(torch.autograd.Function):
@@ -129,11 +129,6 @@ class ReLUSmoothBackward(nn.Module):
 
     def extra_repr(self) -> str:
         return f"smooth_backward_in={self.smooth_backward_in!r}"
-
-
-def _positive(beta: torch.Tensor) -> torch.Tensor:
-    # Keeps a learnable beta usable if an update pushes it through zero.
-    return beta.abs().clamp_min(1e-3)
 
 
 def _require_positive(name: str, value: float) -> None:

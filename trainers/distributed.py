@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import ray.train.torch
 import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.train.v2.api.callback import UserCallback
 from torch import nn
 
 from trainers.checkpoint import (load_rng_state, load_training_state, restore_rng_state, save_rng_state,
@@ -100,6 +102,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     runnable = ray.train.torch.prepare_model(optimize_for_device(model, train_config))
     batch_summary = trial.batch_summary()
     metrics: dict[str, Any] = {}
+    if checkpoint is not None and start_epoch >= train_config.epochs:
+        # Restarted after its last epoch (e.g. a Tune trial restored from state saved just before it ended):
+        # report that epoch again so the caller sees the run's final result.
+        metrics = state["metrics"]
+        ray.train.report(metrics, checkpoint=checkpoint)
     for epoch in range(start_epoch, train_config.epochs):
         loaders.train.set_epoch(epoch)
         loaders.eval.set_epoch(epoch)
@@ -125,15 +132,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     return {"final_metrics": metrics, "replicas_in_sync": len(set(digests)) == 1, "world_size": len(digests)}
 
 
-def build_trainer(trial: TrialConfig, storage_path: str, name: str) -> TorchTrainer:
-    """A TorchTrainer for `trial`. Re-running a trainer with the same `name` and `storage_path` resumes."""
+def build_trainer(trial: TrialConfig, storage_path: str, name: str,
+                  callbacks: Sequence[UserCallback] = ()) -> TorchTrainer:
+    """A TorchTrainer for `trial`. Re-running a trainer with the same `name` and `storage_path` resumes.
+    `callbacks`: Ray Train callbacks (a Tune trial passes `TuneReportCallback()` to forward its reports)."""
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=trial.model_dump(mode="json"),
         scaling_config=ScalingConfig(num_workers=trial.workers.num_workers, use_gpu=trial.workers.use_gpu,
                                      resources_per_worker=trial.workers.resources_per_worker()),
         run_config=RunConfig(
-            name=name, storage_path=storage_path,
+            name=name, storage_path=storage_path, callbacks=list(callbacks),
             failure_config=FailureConfig(max_failures=trial.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=trial.checkpoints_to_keep)),
     )

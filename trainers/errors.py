@@ -1,34 +1,77 @@
-"""One exception type for bad user input, with messages that name the field and the fix."""
+"""One exception type for bad user input, with messages that name the field and the fix.
+
+Messages point into the user's file: `search.activations[1].name: ...`, and an unknown key is answered with
+the keys accepted at that place.
+"""
 from __future__ import annotations
 
-from typing import TypeVar
+from collections.abc import Iterable, Sequence
+from typing import Any, TypeVar, get_args
 
 from pydantic import BaseModel, ValidationError
-
-ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or out of range."""
 
 
-def describe_validation_error(error: ValidationError, prefix: str = "") -> str:
-    """Render pydantic's errors as one line per field: `path.to.field: what is wrong`."""
-    lines = []
-    for item in error.errors():
-        path = ".".join(str(part) for part in (prefix, *item["loc"]) if part != "")
-        message = item["msg"]
-        if item["type"] == "extra_forbidden":
-            message = "unknown key (remove it or check its spelling)"
-        lines.append(f"{path or '<root>'}: {message} (got {item.get('input')!r})")
-    return "\n".join(lines)
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 
-def validated(config_type: type[ConfigT], values: dict, prefix: str = "") -> ConfigT:
-    """Build a config, turning pydantic's ValidationError into a ConfigError naming each bad field."""
+def one_of(value: str, accepted: Iterable[str], what: str) -> str:
+    """`value` if it is one of `accepted`, else a ValueError (for pydantic validators) listing them."""
+    choices = sorted(accepted)
+    if value not in choices:
+        raise ValueError(f"unknown {what}; accepted: {', '.join(choices)}")
+    return value
+
+
+def validated(model: type[ConfigT], values: Any, prefix: str = "") -> ConfigT:
+    """`model` built from `values`, or a ConfigError with one `path: problem` line per bad field."""
     try:
-        return config_type.model_validate(values)
+        return model.model_validate(values)
     except ValidationError as error:
-        raise ConfigError(
-            f"invalid {config_type.__name__}:\n{describe_validation_error(error, prefix)}"
-        ) from None
+        lines = [_describe(item, model, prefix) for item in error.errors()]
+        raise ConfigError(f"invalid {model.__name__}:\n" + "\n".join(lines)) from None
+
+
+def render_path(parts: Sequence[str | int]) -> str:
+    """('search', 'activations', 1, 'name') -> 'search.activations[1].name'."""
+    text = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in parts if part != "")
+    return text.removeprefix(".")
+
+
+def _describe(item: dict[str, Any], model: type[BaseModel], prefix: str) -> str:
+    loc = item["loc"]
+    path = render_path((prefix, *loc))
+    if item["type"] == "extra_forbidden":
+        message = f"unknown key; accepted: {', '.join(_accepted_keys(model, loc)) or 'none'}"
+    elif item["type"] == "value_error":
+        message = str(item["ctx"]["error"])  # our own message, without pydantic's "Value error, " prefix
+    else:
+        message = item["msg"]
+    value = item.get("input")
+    if not isinstance(value, (dict, list)):  # whole mappings would drown the message
+        message = f"{message} (got {value!r})"
+    return f"{path}: {message}" if path else message
+
+
+def _accepted_keys(model: type[BaseModel], loc: Sequence[str | int]) -> list[str]:
+    """The field names of the model that holds the last key of `loc`, found by walking the annotations."""
+    current: type[BaseModel] | None = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue  # a list position: the annotation walk already stepped into the item type
+        field = current.model_fields.get(part) if current else None
+        current = _nested_model(field.annotation) if field else None
+    return sorted(current.model_fields) if current else []
+
+
+def _nested_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for argument in get_args(annotation):
+        found = _nested_model(argument)
+        if found:
+            return found
+    return None

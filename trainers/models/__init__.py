@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from torch import nn
 
 from trainers.activations import activation_factory
-from trainers.errors import ConfigError, validated
+from trainers.errors import ConfigError, one_of, validated
 from trainers.models.cost import ModelCost, count_cost
 from trainers.models.efficientnet import EFFICIENTNET_SCALES, EfficientNet, EfficientNetScale, compound_scaling
 from trainers.models.layers import InputNormalization
@@ -68,9 +68,7 @@ class ModelConfig(BaseModel):
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, arch: str) -> str:
-        if arch not in ARCHS:
-            raise ValueError(f"unknown arch; valid: {', '.join(ARCHS)}")
-        return arch
+        return one_of(arch, ARCHS, "arch")
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:

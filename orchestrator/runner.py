@@ -1,0 +1,244 @@
+"""Run a study: Ray Tune over trials, each trial a Ray Train job, everything mirrored into MLflow.
+
+study config -> search space (`search_spaces`) -> trial config -> Ray Train loop (`trainers.distributed`)
+-> per-epoch reports + checkpoints -> Tune (ASHA / Optuna) -> MLflow (`orchestrator.tracking`) -> reports.
+
+Each Tune trial is a small function trainable that drives one `TorchTrainer` (the Tune + Train pattern of
+Ray 2.60's Train V2): its Train run is named after the trial id, so a restored Tune study resumes each
+unfinished trial from its last Train checkpoint.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs
+import ray
+from ray import tune
+from ray.train import Checkpoint
+from ray.train.v2.api.exceptions import TrainingFailedError
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+from orchestrator.reports import StudyRow, leaderboard, leaderboard_markdown, write_reports
+from orchestrator.tracking import MLflowStudyCallback, StudyTracker, study_rows
+from search_spaces.space import optuna_space, param_space, trial_config, trial_params
+from search_spaces.study import StudyConfig
+from trainers.checkpoint import load_training_state
+from trainers.data.convert import convert
+from trainers.data.manifest import read_manifest, verify_file
+from trainers.distributed import build_trainer
+from trainers.errors import ConfigError
+from trainers.models import build_model_from_config
+from trainers.trial import TrialConfig
+
+# A trial's Tune driver only waits on its Train workers, so it holds no CPU: a CPU per driver deadlocks small
+# clusters (drivers hold every CPU, no worker group can be placed) and halves concurrency on a laptop. Ray
+# needs some non-zero resource per bundle: a token of memory.
+TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 1 << 20}
+
+
+class TrialFailedError(RuntimeError):
+    """A trial's Ray Train run failed; the message is the worker's error, not Ray's wrapper."""
+
+
+@dataclass(frozen=True)
+class StudyOutcome:
+    rows: list[StudyRow]
+    parent_run_id: str
+    experiment_path: str
+    best_model_uri: str | None
+
+
+def prepare_datasets(study: StudyConfig) -> None:
+    """Convert the study's `dataset` block to .beton files once; later runs reuse files their manifest vouches
+    for."""
+    if study.dataset is None:
+        return
+    for conversion in study.dataset.conversions():
+        path = Path(conversion.path)
+        if path.is_file():
+            try:
+                verify_file(path, read_manifest(path), check_sha256=False)
+                continue
+            except Exception:  # a stale or partial file: write it again (convert replaces it atomically)
+                pass
+        print(f"converting {conversion.source}:{conversion.split} -> {path}", flush=True)
+        convert(conversion.source, path, input_dir=Path(conversion.input_dir) if conversion.input_dir else None,
+                split=conversion.split, limit=conversion.limit)
+
+
+def run_trial(config: dict[str, Any], study_values: dict[str, Any], storage_path: str) -> None:
+    """Tune function trainable: one trial as a Ray Train job whose reports flow back to Tune."""
+    study = StudyConfig.parse(study_values)
+    trial = trial_config(study, config)
+    name = f"{study.name}-train-{tune.get_context().get_trial_id()}"
+    try:
+        build_trainer(trial, storage_path, name, callbacks=[TuneReportCallback()]).fit()
+    except TrainingFailedError as error:
+        raise TrialFailedError(_root_cause(error)) from None
+
+
+def _root_cause(error: BaseException) -> str:
+    """The failing worker's own exception, type and first line (Ray wraps it: a WorkerGroupError holding each
+    rank's failure, each a RayTaskError whose `cause` is the user's exception)."""
+    prefix = ""
+    worker_failures = getattr(error, "worker_failures", None)
+    if worker_failures:
+        rank, error = min(worker_failures.items(), key=lambda item: item[0])
+        prefix = f"rank {rank}: "
+    while (cause := getattr(error, "cause", None) or error.__cause__) is not None:
+        error = cause
+    message = str(error).strip().splitlines()
+    return f"{prefix}{type(error).__name__}: {message[0] if message else ''}"
+
+
+def max_concurrent_trials(study: StudyConfig) -> int:
+    """As many trials as the cluster can place at once, from each trial's worker group and the resources
+    Ray reports now (an autoscaling cluster grows them; Tune then queues the rest)."""
+    if study.tune.max_concurrent_trials:
+        return study.tune.max_concurrent_trials
+    workers = TrialConfig.parse(study.base_values()).workers
+    resources = ray.cluster_resources()
+    per_trial = {"CPU": workers.num_workers * workers.cpus_per_worker}
+    if workers.use_gpu:
+        per_trial["GPU"] = workers.num_workers * workers.gpus_per_worker
+    fits = [math.floor(resources.get(name, 0) / need) for name, need in per_trial.items()]
+    return max(1, min(fits))
+
+
+def _scheduler(study: StudyConfig):
+    if study.tune.scheduler == "fifo":
+        return FIFOScheduler()
+    asha = study.asha_settings()
+    # One report per epoch, so Tune's training_iteration counts epochs.
+    return ASHAScheduler(time_attr="training_iteration", max_t=asha.max_t, grace_period=asha.grace_period,
+                         reduction_factor=asha.reduction_factor)
+
+
+def _searcher(study: StudyConfig):
+    if study.tune.searcher != "optuna":
+        return None
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch(space=optuna_space(study), metric=study.tune.metric, mode=study.tune.mode,
+                        seed=study.tune.seed)
+
+
+def _trainable(study: StudyConfig, storage_path: str):
+    return tune.with_resources(
+        tune.with_parameters(run_trial, study_values=study.model_dump(mode="json"), storage_path=storage_path),
+        TRIAL_DRIVER_RESOURCES)
+
+
+def experiment_path(storage_path: str, study: StudyConfig) -> str:
+    return f"{storage_path.rstrip('/')}/{study.name}"
+
+
+def build_tuner(study: StudyConfig, storage_path: str, callback: MLflowStudyCallback, resume: bool) -> tune.Tuner:
+    """A new Tuner, or with `resume` the interrupted one (finished trials are kept, unfinished ones go on)."""
+    path = experiment_path(storage_path, study)
+    trainable = _trainable(study, storage_path)
+    if tune.Tuner.can_restore(path):
+        if not resume:
+            raise ConfigError(f"study {study.name!r} already has results in {path}; continue it with --resume, "
+                              "or give this run another name (--set name=...) or --storage")
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False)
+    if resume:
+        raise ConfigError(f"--resume: nothing to resume in {path}; run without --resume to start the study")
+    searcher = _searcher(study)
+    return tune.Tuner(
+        trainable,
+        param_space={} if searcher else param_space(study),
+        tune_config=tune.TuneConfig(metric=study.tune.metric, mode=study.tune.mode, scheduler=_scheduler(study),
+                                    search_alg=searcher, num_samples=study.tune.num_samples,
+                                    max_concurrent_trials=max_concurrent_trials(study)),
+        run_config=tune.RunConfig(name=study.name, storage_path=storage_path, callbacks=[callback]),
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _flops_per_image(model_json: str) -> float:
+    from trainers.models import ModelConfig
+
+    return float(build_model_from_config(ModelConfig.model_validate_json(model_json)).cost().flops)
+
+
+def _study_functions(study: StudyConfig):
+    """Trial config -> MLflow params, and -> cost (FLOPs per image), as the tracker wants them."""
+    def params(config: dict) -> dict[str, Any]:
+        return trial_params(trial_config(study, config))
+
+    def cost(config: dict) -> float:
+        return _flops_per_image(trial_config(study, config).model.model_dump_json())
+
+    return params, cost
+
+
+def _best_model(study: StudyConfig, rows: list[StudyRow], results, storage_path: str):
+    """The best finished trial's model, loaded from its last checkpoint (None if no trial finished)."""
+    ranked = [row for row in leaderboard(rows) if row.state != "failed" and row.robust_acc is not None]
+    if not ranked:
+        return None
+    best = next(result for result in results
+                if (result.metrics or {}).get("trial_id") == ranked[0].trial_id)
+    checkpoint_path = (best.metrics or {}).get(CHECKPOINT_PATH_KEY)
+    if not checkpoint_path:
+        return None
+    filesystem = pyarrow.fs.FileSystem.from_uri(storage_path)[0] if "://" in storage_path else None
+    with Checkpoint(checkpoint_path, filesystem=filesystem).as_directory() as directory:
+        state = load_training_state(Path(directory))
+    model = build_model_from_config(TrialConfig.parse(state["trial"]).model)
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+# Tune saves its experiment state at most every 10 s by default; a driver killed inside that window would
+# restart trials that had already finished. Saving every second costs little at study scale.
+EXPERIMENT_STATE_PERIOD_S = "1"
+
+
+def run_study(study: StudyConfig, storage_path: str, tracking_uri: str, resume: bool = False) -> StudyOutcome:
+    """Run (or with `resume`, continue) `study` on the connected Ray cluster; returns its report rows."""
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", EXPERIMENT_STATE_PERIOD_S)
+    prepare_datasets(study)
+    tracker = StudyTracker(tracking_uri, experiment_name=study.name)
+    parent_run_id = tracker.start_study(study.name, params={"study": study.name, **_study_summary(study)},
+                                        tags={"satscale.description": study.description}, resume=resume)
+    params, cost = _study_functions(study)
+    callback = MLflowStudyCallback(tracker, parent_run_id, params, cost, max_epochs=study.max_epochs())
+    tuner = build_tuner(study, storage_path, callback, resume)
+    results = tuner.fit()
+    rows = study_rows(results, params, cost, study.max_epochs())
+    callback.flush(force=True)
+    best_model_uri = None
+    with tempfile.TemporaryDirectory(prefix="satscale-reports-") as directory:
+        write_reports(rows, Path(directory))
+        tracker.log_reports(parent_run_id, Path(directory))
+    model = _best_model(study, rows, results, storage_path)
+    if model is not None:
+        best_model_uri = tracker.log_best_model(parent_run_id, model)
+    tracker.finish_study(parent_run_id)
+    return StudyOutcome(rows, parent_run_id, experiment_path(storage_path, study), best_model_uri)
+
+
+def _study_summary(study: StudyConfig) -> dict[str, Any]:
+    return {"num_samples": study.tune.num_samples, "scheduler": study.tune.scheduler,
+            "searcher": study.tune.searcher, "metric": study.tune.metric, "max_epochs": study.max_epochs()}
+
+
+def format_outcome(outcome: StudyOutcome, tracking_uri: str) -> str:
+    """What the terminal shows at the end: the leaderboard and where to look."""
+    ui = (f"mlflow ui --backend-store-uri {tracking_uri}" if tracking_uri.startswith(("sqlite:", "file:"))
+          else f"open {tracking_uri}")
+    lines = [leaderboard_markdown(outcome.rows), "",
+             f"MLflow: parent run {outcome.parent_run_id} at {tracking_uri}  (view: {ui})",
+             f"Tune results: {outcome.experiment_path}"]
+    if outcome.best_model_uri:
+        lines.append(f"best model: {outcome.best_model_uri}")
+    return "\n".join(lines)

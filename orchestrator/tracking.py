@@ -1,0 +1,490 @@
+"""MLflow tracking of a study: one experiment per study, a parent run per study, a nested child run per trial.
+
+Everything goes through an explicit `MlflowClient` (the fluent API keeps global, cwd-dependent state that is
+not thread-safe). Every write is idempotent, so a resumed study reuses its parent run, a restored trial its
+child run, and a replayed epoch is not logged twice. The Tune callback never lets MLflow stop the study:
+calls that fail while the server is unreachable wait in a queue and are retried on the next event and at
+the end of the study. Nothing logged (params, tags, reasons) carries a credential: see `redact`.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import numbers
+import os
+import re
+import tempfile
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from ray import cloudpickle
+from ray.tune import Callback, ResultGrid
+from ray.tune.experiment import Trial
+
+from orchestrator.reports import StudyRow, TrialState
+
+logger = logging.getLogger(__name__)
+
+TAG_ROLE = "satscale.role"
+TAG_STUDY = "satscale.study"
+TAG_TRIAL_ID = "satscale.trial_id"
+TAG_TRIAL_STATE = "satscale.trial_state"
+TAG_FAILURE_REASON = "satscale.failure_reason"
+
+RUN_STATUS: dict[TrialState, str] = {"finished": "FINISHED", "stopped_early": "KILLED", "failed": "FAILED"}
+# What the callback logs per epoch from a trial's result, when present.
+EPOCH_METRICS = ("clean_acc", "robust_acc", "train_loss", "train_robust_acc", "images_per_s", "lr", "resolution")
+
+REDACTED = "<redacted>"
+_SECRET_NAME = re.compile(r"secret|token|password|passwd|credential|access_key|api_key|private_key", re.IGNORECASE)
+_AWS_ACCESS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b")
+# user:password@ (a password may hold unescaped slashes) or a bare token@ right after a URL's scheme.
+_URL_USER_INFO = re.compile(r"(?<=://)(?:[^/@\s:]*:[^@\s]*|[^/@\s:]+)@")
+# Shorter environment values (e.g. moto's "testing") are too common as plain words to mask in free text.
+_MIN_MASKED_SECRET_LENGTH = 8
+_MAX_REASON_LENGTH = 300
+
+
+def resolve_tracking_uri(cli_uri: str | None) -> str:
+    """`--mlflow-uri` wins, then `MLFLOW_TRACKING_URI`, else SQLite in the working directory; local stores
+    as absolute URIs (Ray Tune changes workers' working directories)."""
+    uri = cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///"):
+        database = uri.removeprefix("sqlite:///")
+        return uri if database.startswith("/") else f"sqlite:///{Path(database).resolve()}"
+    if "://" not in uri and not uri.startswith("file:"):
+        return Path(uri).resolve().as_uri()
+    return uri
+
+
+def _environment_secrets() -> list[str]:
+    return [value for name, value in os.environ.items()
+            if (_SECRET_NAME.search(name) or name == "AWS_ACCESS_KEY_ID") and len(value) >= _MIN_MASKED_SECRET_LENGTH]
+
+
+def scrub(text: str) -> str:
+    """`text` with AWS access key ids, passwords in URLs and the values of secret environment variables
+    masked."""
+    for secret in _environment_secrets():
+        text = text.replace(secret, REDACTED)
+    text = _AWS_ACCESS_KEY_ID.sub(REDACTED, text)
+    return _URL_USER_INFO.sub(f"{REDACTED}@", text)
+
+
+def redact(values: Mapping[str, Any]) -> dict[str, Any]:
+    """`values` safe to log: credential-named keys masked, other values scrubbed (structured values are
+    logged as text anyway, so they are scrubbed as text); numbers and booleans pass unchanged."""
+    def safe(name: str, value: Any) -> Any:
+        if _SECRET_NAME.search(name):
+            return REDACTED
+        if value is None or isinstance(value, (bool, numbers.Number)):
+            return value
+        return scrub(str(value))
+
+    return {name: safe(name, value) for name, value in values.items()}
+
+
+def _finite_numbers(metrics: Mapping[str, Any]) -> dict[str, float]:
+    return {name: float(value) for name, value in metrics.items()
+            if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)}
+
+
+def _quoted(value: str) -> str:
+    """`value` as a search-filter string literal."""
+    if "'" in value:
+        raise ValueError(f"names used in MLflow searches may not contain quotes: {value!r}")
+    return f"'{value}'"
+
+
+@contextmanager
+def _environment(values: Mapping[str, str]) -> Iterator[None]:
+    previous = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _bounded_http(method: _Method) -> _Method:
+    """Run a tracker method under its HTTP limits: MLflow reads them from the environment on every request,
+    and its defaults (120 s timeout, 7 retries with exponential backoff) can hold the study for minutes."""
+    @functools.wraps(method)
+    def bounded(self: StudyTracker, *args: Any, **kwargs: Any) -> Any:
+        with _environment(self.http_limits):
+            return method(self, *args, **kwargs)
+
+    return bounded  # type: ignore[return-value]
+
+
+class StudyTracker:
+    """A study's MLflow experiment, parent run and trial runs, through one explicit client."""
+
+    def __init__(self, tracking_uri: str, experiment_name: str, *, request_timeout_s: int | None = None,
+                 max_retries: int | None = None) -> None:
+        """HTTP limits: the arguments, else MLflow's own variables when set, else 10 s and 2 retries."""
+        self.tracking_uri = tracking_uri
+        self.experiment_name = experiment_name
+        if request_timeout_s is None:
+            request_timeout_s = int(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", 10))
+        if max_retries is None:
+            max_retries = int(os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", 2))
+        self.http_limits = {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(request_timeout_s),
+                            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(max_retries),
+                            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": os.environ.get("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+                                                                                 "1")}
+        self._client = MlflowClient(tracking_uri)
+        self._experiment_id: str | None = None  # looked up on first use: constructing needs no server
+        # Steps already logged, per run and metric, loaded from the server once per run (see log_epoch).
+        self._logged_steps: dict[str, dict[str, set[int]]] = {}
+
+    @property
+    def client(self) -> MlflowClient:
+        return self._client
+
+    def _experiment(self) -> str:
+        if self._experiment_id is None:
+            experiment = self._client.get_experiment_by_name(self.experiment_name)
+            self._experiment_id = (experiment.experiment_id if experiment
+                                   else self._client.create_experiment(self.experiment_name))
+        return self._experiment_id
+
+    def _runs_tagged(self, tags: Mapping[str, str]):
+        query = " and ".join(f"tags.`{name}` = {_quoted(value)}" for name, value in tags.items())
+        return self._client.search_runs([self._experiment()], filter_string=query,
+                                        order_by=["attributes.start_time DESC"])
+
+    def _log_missing_params(self, run, params: Mapping[str, Any]) -> None:
+        """MLflow params are write-once: a reused run only gets the params it does not have yet."""
+        missing = {name: value for name, value in redact(params).items() if name not in run.data.params}
+        if missing:
+            self._client.log_batch(run.info.run_id, params=[Param(name, str(value)) for name, value in missing.items()])
+
+    @_bounded_http
+    def start_study(self, study_name: str, params: Mapping[str, Any] | None = None,
+                    tags: Mapping[str, Any] | None = None, *, resume: bool = False) -> str:
+        """The study's parent run id: the latest parent run of `study_name` when it is unfinished or `resume`
+        is set, else a new one."""
+        params, tags = params or {}, redact(tags or {})
+        study_tags = {TAG_STUDY: study_name, TAG_ROLE: "study"}
+        reusable = [run for run in self._runs_tagged(study_tags) if resume or run.info.status != "FINISHED"]
+        if reusable:
+            run = reusable[0]
+            self._client.update_run(run.info.run_id, status="RUNNING")
+            if tags:
+                self._client.log_batch(run.info.run_id, tags=[RunTag(name, str(value)) for name, value in tags.items()])
+        else:
+            run = self._client.create_run(self._experiment(), run_name=study_name,
+                                          tags={**{name: str(value) for name, value in tags.items()}, **study_tags})
+        self._log_missing_params(run, params)
+        return run.info.run_id
+
+    @_bounded_http
+    def trial_run(self, parent_run_id: str, trial_id: str, params: Mapping[str, Any], *,
+                  restart: bool = True) -> str:
+        """The child run of `trial_id` under the parent run, created once: a restored trial gets its run back,
+        marked running again with `restart` (a trial starting now), left as it is without (a lookup)."""
+        trial_tags = {MLFLOW_PARENT_RUN_ID: parent_run_id, TAG_ROLE: "trial", TAG_TRIAL_ID: trial_id}
+        existing = self._runs_tagged(trial_tags)
+        if existing:
+            run = existing[0]
+            if restart and run.info.status != "RUNNING":
+                self._client.update_run(run.info.run_id, status="RUNNING")
+                self._client.set_tag(run.info.run_id, TAG_TRIAL_STATE, "running")
+            if restart and TAG_FAILURE_REASON in run.data.tags:
+                self._client.delete_tag(run.info.run_id, TAG_FAILURE_REASON)
+        else:
+            run = self._client.create_run(self._experiment(), run_name=trial_id,
+                                          tags={**trial_tags, TAG_TRIAL_STATE: "running"})
+        self._log_missing_params(run, params)
+        return run.info.run_id
+
+    def _steps_logged(self, run_id: str) -> dict[str, set[int]]:
+        if run_id not in self._logged_steps:
+            history = self._client.get_metric_history
+            self._logged_steps[run_id] = {name: {metric.step for metric in history(run_id, name)}
+                                          for name in self._client.get_run(run_id).data.metrics}
+        return self._logged_steps[run_id]
+
+    @_bounded_http
+    def log_epoch(self, run_id: str, metrics: Mapping[str, Any], epoch: int) -> int:
+        """Log the finite numeric `metrics` at step `epoch`, skipping any (metric, epoch) the run already has
+        (a resumed trial replays epochs). Returns how many values were logged."""
+        logged = self._steps_logged(run_id)
+        timestamp = int(time.time() * 1000)
+        new = [Metric(name, value, timestamp, epoch) for name, value in _finite_numbers(metrics).items()
+               if epoch not in logged.get(name, ())]
+        if new:
+            try:
+                self._client.log_batch(run_id, metrics=new)
+            except Exception:
+                # The server may have stored the batch before the connection broke: re-read before a retry.
+                self._logged_steps.pop(run_id, None)
+                raise
+            for metric in new:
+                logged.setdefault(metric.key, set()).add(epoch)
+        return len(new)
+
+    @_bounded_http
+    def finish_trial(self, run_id: str, state: TrialState, reason: str | None = None) -> None:
+        """Record how the trial ended. A run already ended in `state` is left as it is (its end time stays:
+        a resumed study re-announces trials that finished in an earlier session)."""
+        run = self._client.get_run(run_id)
+        if run.data.tags.get(TAG_TRIAL_STATE) == state and run.info.status == RUN_STATUS[state]:
+            return
+        tags = [RunTag(TAG_TRIAL_STATE, state)]
+        if reason:
+            tags.append(RunTag(TAG_FAILURE_REASON, scrub(reason)[:_MAX_REASON_LENGTH]))
+        self._client.log_batch(run_id, tags=tags)
+        self._client.set_terminated(run_id, status=RUN_STATUS[state])
+
+    @_bounded_http
+    def finish_study(self, parent_run_id: str, status: str = "FINISHED") -> None:
+        """End the parent run: FINISHED, FAILED or KILLED (an interrupted study, resumable)."""
+        self._client.set_terminated(parent_run_id, status=status)
+
+    @_bounded_http
+    def log_reports(self, parent_run_id: str, directory: Path, artifact_path: str = "reports") -> None:
+        self._client.log_artifacts(parent_run_id, str(directory), artifact_path=artifact_path)
+
+    @_bounded_http
+    def log_best_model(self, parent_run_id: str, model: Any, name: str = "best_model") -> str:
+        """Log `model` (a torch.nn.Module) in MLflow's pytorch flavour under the parent run; returns a URI
+        for `mlflow.pytorch.load_model`. Saved locally then uploaded with the explicit client, so it works
+        against any tracking server and artifact store without the fluent API's global run."""
+        import mlflow.pytorch
+
+        with tempfile.TemporaryDirectory() as scratch:
+            local = Path(scratch) / name
+            # Pickled: MLflow 3's default ("pt2", a traced graph) needs an example input and fixes the input
+            # shape. Explicit requirements: inferring them re-imports the model in a subprocess (slow).
+            mlflow.pytorch.save_model(model, str(local), serialization_format="pickle",
+                                      pip_requirements=mlflow.pytorch.get_default_pip_requirements())
+            self._client.log_artifacts(parent_run_id, str(local), artifact_path=name)
+        return f"runs:/{parent_run_id}/{name}"
+
+
+def _is_permanent(error: Exception) -> bool:
+    """Errors a retry cannot fix: MLflow's client errors (4xx: a bad value, a missing run) and bugs.
+    Unreachable servers, timeouts and server errors are worth retrying later."""
+    if isinstance(error, MlflowException):
+        return 400 <= error.get_http_status_code() < 500
+    return True
+
+
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+_EXCEPTION_LINE = re.compile(r"^[\w.]+(?:Error|Exception|Interrupt|Exit)\b")
+
+
+def _trial_exception(trial: Trial) -> BaseException | None:
+    # During on_trial_error only the driver's local copy exists (storage is synced later); a trial that
+    # ended in an earlier session of a resumed study has only the synced copy.
+    if trial.pickled_error_file and Path(trial.pickled_error_file).exists():
+        with open(trial.pickled_error_file, "rb") as file:
+            return cloudpickle.load(file)
+    return trial.get_pickled_error()
+
+
+def _trial_error_trace(trial: Trial) -> str:
+    if trial.error_file and Path(trial.error_file).exists():
+        return Path(trial.error_file).read_text()
+    return trial.get_error() or ""
+
+
+def _failure_reason(error: BaseException | str | None) -> str:
+    """`Type: first line of its message` for the exception that ended a trial. Tune keeps it pickled, wrapped
+    in a RayTaskError whose `cause` is the trainable's exception, or as a text trace when pickling failed."""
+    if isinstance(error, BaseException):
+        cause = getattr(error, "cause", None) or error
+        reason = f"{type(cause).__name__}: {_first_line(str(cause))}"
+    else:
+        lines = [line.strip() for line in (error or "").splitlines() if line.strip()]
+        reason = next((line for line in reversed(lines) if _EXCEPTION_LINE.match(line)),
+                      lines[-1] if lines else "unknown error")
+    return scrub(reason)[:_MAX_REASON_LENGTH]
+
+
+def trial_failure_reason(trial: Trial) -> str:
+    try:
+        return _failure_reason(_trial_exception(trial) or _trial_error_trace(trial))
+    except Exception as error:  # an unreadable error file must not fail the callback
+        return f"unknown error (its details could not be read: {type(error).__name__})"
+
+
+def _epochs_done(result: Mapping[str, Any]) -> int:
+    if "epoch" in result:
+        return int(result["epoch"]) + 1
+    return int(result.get("training_iteration", 0))
+
+
+def _ended_state(last_result: Mapping[str, Any], max_epochs: int) -> TrialState:
+    """A trial that ended without error: stopped early (by the scheduler or a stopper) when it trained fewer
+    than `max_epochs` epochs."""
+    return "stopped_early" if _epochs_done(last_result) < max_epochs else "finished"
+
+
+def _study_row(trial_id: str, params: dict[str, Any], last_result: Mapping[str, Any], state: TrialState,
+               reason: str | None, cost_flops: float | None) -> StudyRow:
+    return StudyRow(trial_id=trial_id, params=params, state=state, clean_acc=last_result.get("clean_acc"),
+                    robust_acc=last_result.get("robust_acc"), cost_flops=cost_flops,
+                    epochs=_epochs_done(last_result), failure_reason=reason)
+
+
+def study_rows(results: ResultGrid, trial_params: Callable[[dict], dict[str, Any]],
+               trial_cost: Callable[[dict], float] | None, max_epochs: int) -> list[StudyRow]:
+    """The report rows of every trial in a study's results (`Tuner.fit()`), with redacted params. Use these
+    after `Tuner.restore`: the callback in effect then is Tune's unpickled copy, not the driver's object."""
+    rows = []
+    for result in results:
+        last_result = result.metrics or {}
+        # A trial that failed before its first report has no metrics; its directory is named after its id.
+        trial_id = last_result.get("trial_id") or Path(result.path).name
+        reason = _failure_reason(result.error) if result.error else None
+        state = "failed" if result.error else _ended_state(last_result, max_epochs)
+        rows.append(_study_row(trial_id, redact(trial_params(result.config)), last_result, state, reason,
+                               trial_cost(result.config) if trial_cost else None))
+    return rows
+
+
+class MLflowStudyCallback(Callback):
+    """Mirrors a Tune study into MLflow (a child run per trial, per-epoch metrics, trial states) and
+    collects each trial's final row for the reports (`rows`, complete after the study ends).
+
+    MLflow trouble never reaches Tune: a call that fails for a reason a retry can fix waits in one queue,
+    replayed in order on the first event after `retry_interval_s` (an outage costs one failed call per
+    interval, not one per event) and at the end; whatever still could not be logged then is reported in a
+    warning and in `unlogged`.
+
+    `Tuner.restore` brings back the pickled copy of this callback made when the Tuner was built (RunConfig
+    is restored, not passed again): it logs to the same parent run, but the driver holds no reference to
+    it, so a resumed driver builds its report rows with `study_rows`."""
+
+    def __init__(self, tracker: StudyTracker, parent_run_id: str, trial_params: Callable[[dict], dict[str, Any]],
+                 trial_cost: Callable[[dict], float] | None = None, *, max_epochs: int,
+                 metric_keys: tuple[str, ...] = EPOCH_METRICS, retry_interval_s: float = 30.0) -> None:
+        self._tracker = tracker
+        self._parent_run_id = parent_run_id
+        self._trial_params = trial_params
+        self._trial_cost = trial_cost
+        self._max_epochs = max_epochs
+        self._metric_keys = metric_keys
+        self._retry_interval_s = retry_interval_s
+        self._retry_after = 0.0  # time.monotonic() before which queued calls wait
+        self._run_ids: dict[str, str] = {}
+        self._concluded: set[str] = set()
+        self._pending: deque[tuple[str, Callable[[], Any]]] = deque()
+        self._dropped: list[str] = []
+        self.rows: list[StudyRow] = []
+
+    @property
+    def unlogged(self) -> list[str]:
+        """What has not reached MLflow: calls still queued, then calls given up on, each with its reason."""
+        return [description for description, _ in self._pending] + self._dropped
+
+    def flush(self, force: bool = False) -> bool:
+        """Replay queued calls in order until one fails for a reason a retry may fix (the server is still
+        down: stop there, so a flush waits for at most one failed call). Unless `force`d, nothing is tried
+        until the retry interval after a failure has passed. True when the queue is empty."""
+        if not force and time.monotonic() < self._retry_after:
+            return not self._pending
+        while self._pending:
+            description, call = self._pending[0]
+            try:
+                call()
+            except Exception as error:
+                if not _is_permanent(error):
+                    self._retry_after = time.monotonic() + self._retry_interval_s
+                    logger.warning("MLflow unavailable (%s); %d call(s) queued for later", _first_line(str(error)),
+                                   len(self._pending))
+                    return False
+                self._dropped.append(f"{description}: {_first_line(str(error))}")
+                logger.warning("MLflow rejected %s: %s", description, error)
+            self._pending.popleft()
+        return True
+
+    def _submit(self, description: str, call: Callable[[], Any]) -> None:
+        self._pending.append((description, call))
+        self.flush()
+
+    def _params(self, trial: Trial) -> dict[str, Any]:
+        return redact(self._trial_params(trial.config))
+
+    def _run_id(self, trial: Trial, restart: bool = False) -> str:
+        # Resolved when first needed, so calls queued while the server was down still find their run. Only a
+        # trial starting in this session marks its run running again; trials that ended in an earlier
+        # session are looked up, not restarted.
+        if trial.trial_id not in self._run_ids:
+            self._run_ids[trial.trial_id] = self._tracker.trial_run(self._parent_run_id, trial.trial_id,
+                                                                    self._params(trial), restart=restart)
+        return self._run_ids[trial.trial_id]
+
+    def _log_result(self, trial: Trial, result: Mapping[str, Any]) -> None:
+        if not result:
+            return
+        epoch = _epochs_done(result) - 1
+        metrics = {key: result[key] for key in self._metric_keys if key in result}
+        self._submit(f"epoch {epoch} metrics of trial {trial.trial_id}",
+                     lambda: self._tracker.log_epoch(self._run_id(trial), metrics, epoch))
+
+    def _outcome(self, trial: Trial, failed: bool) -> tuple[TrialState, str | None]:
+        if failed:
+            return "failed", trial_failure_reason(trial)
+        return _ended_state(trial.last_result or {}, self._max_epochs), None
+
+    def _conclude(self, trial: Trial, failed: bool) -> None:
+        state, reason = self._outcome(trial, failed)
+        self._concluded.add(trial.trial_id)
+        self._submit(f"state {state!r} of trial {trial.trial_id}",
+                     lambda: self._tracker.finish_trial(self._run_id(trial), state, reason))
+
+    def _row(self, trial: Trial) -> StudyRow:
+        state, reason = self._outcome(trial, trial.status == Trial.ERROR)
+        return _study_row(trial.trial_id, self._params(trial), trial.last_result or {}, state, reason,
+                          self._trial_cost(trial.config) if self._trial_cost else None)
+
+    def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self._submit(f"run of trial {trial.trial_id}", lambda: self._run_id(trial, restart=True))
+
+    def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
+        self._log_result(trial, result)
+
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self._conclude(trial, failed=False)
+
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self._conclude(trial, failed=True)
+
+    def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
+        terminal = [trial for trial in trials if trial.status in (Trial.TERMINATED, Trial.ERROR)]
+        # Trials that ended in an earlier session of a resumed study: make sure their runs say so.
+        # Their last epoch is the only record left if their calls were lost with the earlier driver (a no-op
+        # when it was logged).
+        for trial in terminal:
+            if trial.trial_id not in self._concluded:
+                self._log_result(trial, trial.last_result or {})
+                self._conclude(trial, failed=trial.status == Trial.ERROR)
+        self.rows = [self._row(trial) for trial in terminal]
+        if not self.flush(force=True) or self._dropped:
+            message = f"{len(self.unlogged)} MLflow call(s) could not be logged: " + "; ".join(self.unlogged)
+            logger.warning(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)

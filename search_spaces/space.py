@@ -1,0 +1,197 @@
+"""A study as Ray Tune sees it: `param_space(study)` for `Tuner(param_space=...)`, and, back from a sampled
+Tune config, the trial it describes: `trial_config(study, config)`.
+
+Tune config keys (flat and readable):
+    activation                           {"name": ..., "params": {...}}: one entry of search.activations
+    compound_phi, compound_alpha, compound_beta, compound_gamma      search.scaling, mode compound
+    depth_mult, width_mult, resolution                               search.scaling, mode direct
+    train_attack.<field>, eval_attack.<field>, optimizer.<field>, epochs, seed
+Other keys in a config (a searcher's bookkeeping, the orchestrator's own) are ignored.
+
+The activation is a conditional space: a `tune.grid_search`/`tune.choice` over dicts whose params may be
+distributions themselves. Tune's BasicVariantGenerator (the default, random/grid search) resolves those;
+Optuna needs a define-by-run function instead: `optuna_space(study)`.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ray import tune
+
+from search_spaces.distributions import Distribution
+from search_spaces.paths import set_path
+from trainers.activations import activation_params
+from trainers.attacks import AttackConfig
+from trainers.models import ARCHS, compound_scaling
+from trainers.models.efficientnet import ALPHA, BETA, GAMMA
+from trainers.errors import validated
+from trainers.trial import TrialConfig
+
+if TYPE_CHECKING:
+    from search_spaces.study import ActivationEntry, StudyConfig
+
+ACTIVATION_KEY = "activation"
+# A Tune key's first dotted part -> where it goes in a TrialConfig.
+TRIAL_PATHS = {
+    "train_attack": "train.train_attack", "eval_attack": "train.eval_attack", "optimizer": "train.optimizer",
+    "epochs": "train.epochs", "seed": "train.seed",
+    "depth_mult": "model.depth_mult", "width_mult": "model.width_mult", "resolution": "model.resolution",
+}
+COMPOUND_DEFAULTS = {"compound_alpha": ALPHA, "compound_beta": BETA, "compound_gamma": GAMMA}
+
+
+def param_space(study: StudyConfig) -> dict[str, Any]:
+    """The `param_space` for `ray.tune.Tuner`: Tune search-space objects and fixed values."""
+    space = {item.key: item.distribution.to_tune() for item in study.search.searched()}
+    entries = study.search.activations
+    if entries:
+        options = [_activation_value(entry, lambda distribution, _: distribution.to_tune()) for entry in entries]
+        sample = tune.grid_search if study.search.activation_sampling == "grid" else tune.choice
+        space[ACTIVATION_KEY] = sample(options)
+    return space
+
+
+def representative_sample(study: StudyConfig) -> dict[str, Any]:
+    """A resolved Tune config: the first candidate of everything (the trial `--dry-run` shows)."""
+    sample = {item.key: item.distribution.candidates()[0] for item in study.search.searched()}
+    if study.search.activations:
+        sample[ACTIVATION_KEY] = _activation_value(study.search.activations[0],
+                                                   lambda distribution, _: distribution.candidates()[0])
+    return sample
+
+
+def trial_config(study: StudyConfig, sampled: dict[str, Any]) -> TrialConfig:
+    """The trial a resolved Tune config describes: `base` with the sampled values in place."""
+    values = study.base_values()
+    for key, value in sampled.items():
+        head, _, rest = key.partition(".")
+        if head in TRIAL_PATHS:
+            set_path(values, f"{TRIAL_PATHS[head]}.{rest}" if rest else TRIAL_PATHS[head], value)
+    activation = sampled.get(ACTIVATION_KEY)
+    if activation:
+        values["model"].update(activation=activation["name"], activation_params=dict(activation.get("params", {})))
+    if "compound_phi" in sampled:
+        _apply_compound_scaling(values["model"], sampled)
+    return validated(TrialConfig, values)
+
+
+def _apply_compound_scaling(model: dict[str, Any], sampled: dict[str, Any]) -> None:
+    """phi with the study's alpha, beta, gamma, from the model's resolution (else the arch's) as phi=0."""
+    phi = sampled["compound_phi"]
+    alpha, beta, gamma = (sampled.get(key, default) for key, default in COMPOUND_DEFAULTS.items())
+    base_resolution = model["resolution"] or ARCHS[model["arch"]].scale.resolution
+    scaled = compound_scaling(phi, alpha, beta, gamma, base_resolution=base_resolution)
+    # ModelConfig applies EfficientNet's own alpha**phi and beta**phi for compound_phi (kept, it is what the study
+    # varies); the multipliers carry the difference to the study's alpha and beta.
+    model.update(compound_phi=phi, resolution=scaled.resolution,
+                 depth_mult=model["depth_mult"] * scaled.depth_mult / ALPHA**phi,
+                 width_mult=model["width_mult"] * scaled.width_mult / BETA**phi)
+
+
+def trial_params(trial: TrialConfig) -> dict[str, str | float | int]:
+    """What a trial is, as flat MLflow params. Scale values are effective (arch x multipliers x compound rule)."""
+    model, train = trial.model, trial.train
+    scale = model.scale
+    accepted = {**activation_params(model.activation), **model.activation_params}
+    return {
+        "activation": model.activation,
+        "arch": model.arch,
+        "depth_mult": round(scale.depth_mult, 6),
+        "width_mult": round(scale.width_mult, 6),
+        "resolution": scale.resolution,
+        "compound_phi": model.compound_phi,
+        **_attack_params("train", train.train_attack),
+        **_attack_params("eval", train.eval_attack),
+        "lr": train.optimizer.lr,
+        "schedule": train.optimizer.schedule,
+        "epochs": train.epochs,
+        "seed": train.seed,
+        "global_batch_size": trial.global_batch_size,
+        **{f"activation.{name}": _loggable(value) for name, value in sorted(accepted.items())},
+    }
+
+
+def _attack_params(prefix: str, attack: AttackConfig | None) -> dict[str, float | int]:
+    # No attack (clean training or evaluation) logs as 0 steps, eps 0: the columns stay comparable.
+    return {f"{prefix}_attack_steps": attack.steps if attack else 0, f"{prefix}_eps": attack.eps if attack else 0.0,
+            f"{prefix}_step_size": attack.step_size if attack else 0.0,
+            f"{prefix}_restarts": attack.restarts if attack else 0}
+
+
+def _loggable(value: Any) -> str | float | int:
+    if isinstance(value, (str, int, float)):
+        return value
+    return json.dumps(value, sort_keys=True)
+
+
+def count_trials(study: StudyConfig) -> int:
+    """How many trials Tune runs: the product of the grids, times num_samples."""
+    grids = [item.distribution.grid_size for item in study.search.searched()]
+    if study.search.activations and study.search.activation_sampling == "grid":
+        grids.append(len(study.search.activations))
+    return math.prod(grids) * study.tune.num_samples
+
+
+def activation_labels(entries: list[ActivationEntry]) -> list[str]:
+    """One readable, unique label per activation entry: `softplus(beta=uniform[1, 10])`."""
+    labels = []
+    for index, entry in enumerate(entries):
+        params = ", ".join(f"{name}={value}" for name, value in entry.params.items())
+        label = f"{entry.name}({params})" if params else entry.name
+        labels.append(f"{label}#{index}" if label in labels else label)
+    return labels
+
+
+def optuna_space(study: StudyConfig) -> Callable[[Any], dict[str, Any]]:
+    """A define-by-run function for `OptunaSearch(space=...)`: Optuna cannot take the conditional activation
+    space as Tune objects. It returns the same config keys as `param_space`; the activation's params are asked
+    under `activation.<entry index>.<param>` (extra keys that `trial_config` ignores)."""
+    searched = study.search.searched()
+    entries = study.search.activations or []
+    labels = activation_labels(entries)
+
+    def define_by_run(trial: Any) -> dict[str, Any]:
+        config = {item.key: item.distribution.suggest(trial, item.key) for item in searched}
+        if entries:
+            index = labels.index(trial.suggest_categorical(ACTIVATION_KEY, labels))
+            config[ACTIVATION_KEY] = _activation_value(
+                entries[index],
+                lambda distribution, name: distribution.suggest(trial, f"{ACTIVATION_KEY}.{index}.{name}"))
+        return config
+
+    return define_by_run
+
+
+def _activation_value(entry: ActivationEntry, pick: Callable[[Distribution, str], Any]) -> dict[str, Any]:
+    return {"name": entry.name, "params": {name: pick(value, name) for name, value in entry.params.items()}}
+
+
+def describe_space(study: StudyConfig) -> str:
+    """A multi-line summary for `--dry-run`: what is searched, the first trial's settings, data, Tune, trials."""
+    search, settings = study.search, study.tune
+    lines = [f"study {study.name}" + (f": {study.description.strip()}" if study.description else ""), "searched:"]
+    if search.activations:
+        lines.append(f"  {ACTIVATION_KEY} ({search.activation_sampling} over {len(search.activations)}): "
+                     + " | ".join(activation_labels(search.activations)))
+    lines += [f"  {item.key} ({item.path}): {item.distribution}" for item in search.searched()]
+    if len(lines) == 2:
+        lines.append("  nothing (every trial is the base)")
+    first = trial_config(study, representative_sample(study))
+    lines.append("first trial: " + ", ".join(f"{key}={value}" for key, value in trial_params(first).items()))
+    lines.append(f"  data: {first.data.train_path} (train), {first.data.eval_path} (eval)"
+                 + (f", converted from {study.dataset.source} before the study" if study.dataset else ""))
+    lines.append(f"  workers: {first.workers.num_workers} x {first.workers.resources_per_worker()}, "
+                 f"global_batch_size {first.global_batch_size}")
+    scheduler = settings.scheduler
+    if scheduler == "asha":
+        asha = study.asha_settings()
+        scheduler += (f" (grace_period {asha.grace_period}, reduction_factor {asha.reduction_factor:g}, "
+                      f"max_t {asha.max_t})")
+    lines.append(f"tune: {settings.mode} {settings.metric}, scheduler {scheduler}, searcher {settings.searcher}, "
+                 f"num_samples {settings.num_samples}, max_concurrent_trials "
+                 f"{settings.max_concurrent_trials or 'from the cluster'}")
+    lines.append(f"trials: {count_trials(study)}")
+    return "\n".join(lines)

@@ -1,0 +1,166 @@
+"""The study end to end: `ray job submit` to a real local head, Tune + Train trials, a real MLflow server."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from orchestrator.scale_study import main as scale_study_main
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "orchestrator" / "scale_study.py"
+EPS = 0.1
+
+
+def write_study(path: Path, betons, name: str, activations: list, **tune_settings) -> Path:
+    study = {
+        "name": name,
+        "base": {
+            "model": {"arch": "resnet18", "num_classes": 10, "width_mult": 0.125, "depth_mult": 0.25,
+                      "resolution": 32},
+            "train": {"epochs": 2, "optimizer": {"lr": 0.1},
+                      "train_attack": {"eps": EPS, "step_size": 1.25 * EPS, "steps": 1},
+                      "eval_attack": {"eps": EPS, "step_size": EPS / 4, "steps": 3}, "max_eval_batches": 1},
+            "data": {"train_path": str(betons["train"]), "eval_path": str(betons["test"]),
+                     "loader_options": {"train_crop": "resize"}},
+            "workers": {"num_workers": 1},
+            "global_batch_size": 128,
+            "reference_batch_size": 128,
+        },
+        "search": {"activations": activations},
+        "tune": {"scheduler": "fifo", **tune_settings},
+    }
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+def study_runs(tracking_uri: str, name: str):
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(name)
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    parents = [run for run in runs if run.data.tags.get("satscale.role") == "study"]
+    children = [run for run in runs if run.data.tags.get("satscale.role") == "trial"]
+    return client, parents, children
+
+
+def metric_steps(client: MlflowClient, run, key: str) -> list[int]:
+    return [point.step for point in client.get_metric_history(run.info.run_id, key)]
+
+
+def test_study_submitted_as_a_ray_job_is_tracked_in_mlflow(ray_cluster, mlflow_server, digits_betons,
+                                                           tmp_path):
+    # elu with alpha 1e38 overflows float32 at the first step: a real divergence, which must fail only its trial.
+    study = write_study(tmp_path / "study.yaml", digits_betons, "job-study",
+                        ["relu", "silu", {"name": "elu", "params": {"alpha": 1.0e38}}])
+    command = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address",
+               ray_cluster.dashboard_url, "--", sys.executable, str(SCRIPT), "--config", str(study),
+               "--storage", str(tmp_path / "storage"), "--mlflow-uri", mlflow_server]
+    job = subprocess.run(command, capture_output=True, text=True, timeout=900, env=os.environ)  # RAY_AUTH_MODE=token: set by ray_cluster
+    assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
+    assert "| Rank | Activation" in job.stdout and "succeeded" in job.stdout
+
+    client, parents, children = study_runs(mlflow_server, "job-study")
+    assert len(parents) == 1 and len(children) == 3
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    by_activation = {run.data.params["activation"]: run for run in children}
+    assert set(by_activation) == {"relu", "silu", "elu"}
+    for run in children:
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        for param in ("arch", "depth_mult", "width_mult", "resolution", "train_attack_steps", "train_eps",
+                      "train_step_size"):
+            assert param in run.data.params, param
+    for activation in ("relu", "silu"):
+        run = by_activation[activation]
+        assert run.data.tags["satscale.trial_state"] == "finished" and run.info.status == "FINISHED"
+        for key in ("clean_acc", "robust_acc", "train_loss", "images_per_s"):
+            assert metric_steps(client, run, key) == [0, 1], (activation, key)
+    diverged = by_activation["elu"]
+    assert diverged.data.tags["satscale.trial_state"] == "failed" and diverged.info.status == "FAILED"
+    assert "DivergenceError" in diverged.data.tags["satscale.failure_reason"]
+    assert "nan" in diverged.data.tags["satscale.failure_reason"]
+
+    artifacts = {item.path for item in client.list_artifacts(parent.info.run_id, "reports")}
+    assert {"reports/leaderboard.csv", "reports/leaderboard.md", "reports/pareto.png"} <= artifacts
+    leaderboard = Path(client.download_artifacts(parent.info.run_id, "reports/leaderboard.md",
+                                                 str(tmp_path))).read_text()
+    assert "relu" in leaderboard and "silu" in leaderboard and "failed" in leaderboard
+    assert any(item.path == "best_model" for item in client.list_artifacts(parent.info.run_id))
+
+
+def _wait_for_a_finished_trial(tracking_uri: str, name: str, driver: subprocess.Popen, timeout_s: float):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and driver.poll() is None:
+        try:
+            _, _, children = study_runs(tracking_uri, name)
+        except AttributeError:  # the experiment does not exist yet
+            children = []
+        finished = [run for run in children if run.data.tags.get("satscale.trial_state") == "finished"]
+        if finished:
+            return finished
+        time.sleep(1)
+    raise AssertionError(f"no trial finished before the driver was to be killed (driver rc={driver.poll()})")
+
+
+def test_driver_killed_then_resumed_loses_and_repeats_nothing(ray_cluster, mlflow_server, digits_betons,
+                                                              tmp_path):
+    study = write_study(tmp_path / "study.yaml", digits_betons, "resume-study", ["relu", "silu", "gelu"],
+                        max_concurrent_trials=1)
+    command = [sys.executable, str(SCRIPT), "--config", str(study), "--storage", str(tmp_path / "storage"),
+               "--mlflow-uri", mlflow_server]
+    environment = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
+    log = open(tmp_path / "driver.log", "w")
+    driver = subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        finished_before = _wait_for_a_finished_trial(mlflow_server, "resume-study", driver, timeout_s=400)
+        time.sleep(3)  # Tune saves its experiment state every second (orchestrator.runner)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    _, parents_before, _ = study_runs(mlflow_server, "resume-study")
+    end_times = {run.info.run_id: run.info.end_time for run in finished_before}
+
+    resumed = subprocess.run(command + ["--resume"], env=environment, capture_output=True, text=True,
+                             timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
+    client, parents, children = study_runs(mlflow_server, "resume-study")
+    assert [run.info.run_id for run in parents] == [run.info.run_id for run in parents_before]  # reused
+    assert sorted(run.data.params["activation"] for run in children) == ["gelu", "relu", "silu"]  # none lost
+    for run in children:
+        assert run.data.tags["satscale.trial_state"] == "finished", run.data.params["activation"]
+        assert metric_steps(client, run, "robust_acc") == [0, 1]  # no epoch logged twice
+    for run in children:  # trials finished before the kill were not run again
+        if run.info.run_id in end_times:
+            assert run.info.end_time == end_times[run.info.run_id]
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--set", "train.epochs=0"], "base.train.epochs"),
+    (["--set", "search.activations=[relu, swish]"], "swish"),
+    (["--set", "tune.num_samples=0"], "tune.num_samples"),
+    (["--set", "train.epochs"], "key.path=value"),
+    (["--config", "no_such_preset"], "no_such_preset"),
+])
+def test_bad_study_input_exits_2_and_writes_nothing(arguments, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert scale_study_main(arguments) == 2
+    error = capsys.readouterr().err
+    assert message in error and "Traceback" not in error
+    assert list(tmp_path.iterdir()) == []  # no mlflow.db, no storage, no converted data
+
+
+def test_dry_run_prints_the_space_and_trial_count(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert scale_study_main(["--dry-run"]) == 0
+    output = capsys.readouterr().out
+    assert "trials: 8" in output and "relu" in output and "softplus" in output
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,483 @@
+"""MLflow tracking of studies against a real `mlflow server` (SQLite, artifacts on the loopback S3 server)
+and a real local Ray Tune run; reports; resume idempotency; an unreachable server; secret redaction."""
+from __future__ import annotations
+
+import math
+import select
+import socket
+import socketserver
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+from ray import cloudpickle
+from torch import nn
+
+from orchestrator.reports import (StudyRow, leaderboard, leaderboard_markdown, pareto_front, write_leaderboard_csv,
+                                  write_reports)
+from orchestrator.tracking import (REDACTED, MLflowStudyCallback, StudyTracker, redact, resolve_tracking_uri,
+                                   scrub, study_rows, trial_failure_reason)
+from tests.fixtures.network import free_loopback_port
+
+STUDY_PARAMS = ("activation", "arch", "depth_mult", "width_mult", "resolution", "train_attack_steps", "train_eps",
+                "train_step_size")
+# Fake credentials planted in trial configs and in the environment: none may reach MLflow.
+FAKE_KEY_ID = "AKIAFAKEFAKEFAKE1234"
+FAKE_SECRET = "fake/Secret+Access/Key0123456789abcdefghij"
+FAKE_TOKEN = "FakeSessionToken-0123456789-abcdefghijkl"
+SECRETS = (FAKE_KEY_ID, FAKE_SECRET, FAKE_TOKEN)
+
+MAX_EPOCHS = 3
+ACTIVATION_QUALITY = {"relu": 0.4, "softplus": 0.7, "silu": 0.8, "broken": 0.6}
+
+
+def synthetic_metrics(config: dict, epoch: int) -> dict[str, Any]:
+    clean = ACTIVATION_QUALITY[config["activation"]] * (0.8 + 0.1 * epoch)
+    return {"epoch": epoch, "clean_acc": clean, "robust_acc": clean / 2, "train_loss": 2.0 - 0.5 * epoch,
+            # Not finite at epoch 0: the tracker must leave it out, not fail.
+            "train_robust_acc": math.nan if epoch == 0 else clean / 3,
+            "images_per_s": 1000.0, "lr": 0.1, "resolution": config["resolution"], "global_batch_size": 64}
+
+
+def synthetic_trial(config: dict) -> None:
+    from ray import tune
+
+    for epoch in range(MAX_EPOCHS):
+        if config["activation"] == "broken" and epoch == 1:
+            raise ValueError("synthetic divergence in 'broken'\nsecond line of the message")
+        tune.report(synthetic_metrics(config, epoch))
+
+
+def stop_weak_trials(trial_id: str, result: dict) -> bool:
+    """The early stopper: relu's clean accuracy (0.32 at epoch 0) is too low to go on."""
+    return result["clean_acc"] < 0.45
+
+
+def trial_cost(config: dict) -> float:
+    return 1.8e9 * config["width_mult"] ** 2 * config["depth_mult"]
+
+
+def all_params(config: dict) -> dict[str, Any]:
+    """The trial_params hook, careless on purpose: everything in the config, credentials included."""
+    return dict(config)
+
+
+@dataclass
+class FakeTrial:
+    """The part of ray.tune.experiment.Trial the callback reads."""
+    trial_id: str
+    config: dict
+    last_result: dict = field(default_factory=dict)
+    status: str = "RUNNING"
+    pickled_error_file: str | None = None
+    error_file: str | None = None
+
+    def get_pickled_error(self) -> None:
+        return None
+
+    def get_error(self) -> None:
+        return None
+
+
+def study_config(activation: str = "silu") -> dict[str, Any]:
+    return {"activation": activation, "arch": "resnet18", "depth_mult": 0.5, "width_mult": 0.25, "resolution": 32,
+            "train_attack_steps": 1, "train_eps": 4 / 255, "train_step_size": 4 / 255}
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    return client.get_experiment_by_name(name).experiment_id
+
+
+def child_runs(client: MlflowClient, experiment: str, parent_run_id: str):
+    return client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+
+
+def steps(client: MlflowClient, run_id: str, metric: str) -> list[int]:
+    return sorted(metric.step for metric in client.get_metric_history(run_id, metric))
+
+
+def assert_no_secrets(client: MlflowClient, experiment: str) -> None:
+    runs = client.search_runs([experiment])
+    assert runs
+    for run in runs:
+        logged = {**run.data.params, **run.data.tags}
+        for name, value in logged.items():
+            for secret in SECRETS:
+                assert secret not in value, (run.info.run_id, name)
+
+
+@pytest.fixture
+def tracker(mlflow_server: str, mlflow_experiment: str) -> StudyTracker:
+    return StudyTracker(mlflow_server, mlflow_experiment)
+
+
+@pytest.fixture
+def planted_env_token(monkeypatch) -> None:
+    monkeypatch.setenv("AWS_SESSION_TOKEN", FAKE_TOKEN)
+
+
+# --- (a) a real Tune study mirrored into MLflow ------------------------------------------------------------------
+def test_tune_study_has_parent_and_child_runs_with_params_metrics_and_states(
+        ray_cluster, tracker: StudyTracker, mlflow_experiment: str, planted_env_token, tmp_path: Path):
+    from ray import tune
+
+    parent = tracker.start_study("study-a", params={"max_epochs": MAX_EPOCHS, "aws_secret_access_key": FAKE_SECRET},
+                                 tags={"satscale.search": "grid", "launched_with": f"token {FAKE_TOKEN}"})
+    callback = MLflowStudyCallback(tracker, parent, all_params, trial_cost, max_epochs=MAX_EPOCHS)
+    space = {**study_config(), "activation": tune.grid_search(list(ACTIVATION_QUALITY)),
+             # Credentials a careless config could carry: by name, as an access key id, in a URL, in free text.
+             "aws_secret_access_key": FAKE_SECRET, "dataset_owner": FAKE_KEY_ID,
+             "dataset_uri": f"https://user:{FAKE_SECRET}@data.example/train.beton", "note": f"uses {FAKE_TOKEN}"}
+    # Half a CPU each: all four trials at once on a two-core machine.
+    tuner = tune.Tuner(tune.with_resources(synthetic_trial, {"cpu": 0.5}), param_space=space,
+                       run_config=tune.RunConfig(name="study-a", storage_path=str(tmp_path), callbacks=[callback],
+                                                 stop=stop_weak_trials, verbose=0))
+    results = tuner.fit()
+    trial_ids = {result.metrics["trial_id"]: result.config["activation"] for result in results}
+    tracker.finish_study(parent)
+
+    client = tracker.client
+    experiment = experiment_id(client, mlflow_experiment)
+    parent_run = client.get_run(parent)
+    assert parent_run.data.tags["satscale.role"] == "study" and parent_run.data.tags["satscale.study"] == "study-a"
+    assert parent_run.info.status == "FINISHED"
+    assert parent_run.data.params["aws_secret_access_key"] == REDACTED
+
+    children = child_runs(client, experiment, parent)
+    by_activation = {trial_ids[run.data.tags["satscale.trial_id"]]: run for run in children}
+    assert len(children) == len(ACTIVATION_QUALITY) and set(by_activation) == set(ACTIVATION_QUALITY)
+    expected = {"relu": ("stopped_early", "KILLED", [0]), "softplus": ("finished", "FINISHED", [0, 1, 2]),
+                "silu": ("finished", "FINISHED", [0, 1, 2]), "broken": ("failed", "FAILED", [0])}
+    for activation, run in by_activation.items():
+        state, status, epochs = expected[activation]
+        assert run.data.tags["satscale.role"] == "trial"
+        assert (run.data.tags["satscale.trial_state"], run.info.status) == (state, status), activation
+        params = run.data.params
+        assert set(STUDY_PARAMS) <= set(params)
+        assert params["activation"] == activation and params["arch"] == "resnet18" and params["resolution"] == "32"
+        assert float(params["train_eps"]) == pytest.approx(4 / 255)
+        assert params["aws_secret_access_key"] == REDACTED and params["dataset_owner"] == REDACTED
+        for metric in ("clean_acc", "robust_acc", "train_loss", "images_per_s"):
+            assert steps(client, run.info.run_id, metric) == epochs, (activation, metric)
+        history = client.get_metric_history(run.info.run_id, "clean_acc")
+        assert [point.value for point in sorted(history, key=lambda point: point.step)] == pytest.approx(
+            [synthetic_metrics(study_config(activation), epoch)["clean_acc"] for epoch in epochs])
+        assert steps(client, run.info.run_id, "train_robust_acc") == epochs[1:]  # NaN at epoch 0 left out
+        assert "global_batch_size" not in run.data.metrics
+    reason = by_activation["broken"].data.tags["satscale.failure_reason"]
+    assert reason == "ValueError: synthetic divergence in 'broken'"
+    assert "satscale.failure_reason" not in by_activation["silu"].data.tags
+
+    rows = {trial_ids[row.trial_id]: row for row in callback.rows}
+    assert {activation: row.state for activation, row in rows.items()} == {
+        activation: state for activation, (state, _, _) in expected.items()}
+    assert rows["silu"].epochs == 3 and rows["relu"].epochs == 1
+    assert rows["silu"].clean_acc == pytest.approx(0.8)
+    assert rows["silu"].cost_flops == pytest.approx(trial_cost(study_config()))
+    assert rows["broken"].failure_reason == reason
+    assert rows["silu"].params["aws_secret_access_key"] == REDACTED
+    assert sorted(study_rows(results, all_params, trial_cost, MAX_EPOCHS), key=lambda row: row.trial_id) == sorted(
+        callback.rows, key=lambda row: row.trial_id)
+    assert callback.unlogged == []
+    assert_no_secrets(client, experiment)
+
+
+# --- (b) resume: parent, children and epochs are reused, never duplicated ----------------------------------------
+def test_start_study_reuses_an_unfinished_parent_and_a_finished_one_only_on_resume(tracker: StudyTracker):
+    first = tracker.start_study("study-b", params={"max_epochs": 3})
+    assert tracker.start_study("study-b", params={"max_epochs": 3}) == first
+    tracker.finish_study(first, "KILLED")
+    assert tracker.start_study("study-b") == first  # interrupted: continue it
+    tracker.finish_study(first)
+    assert tracker.start_study("study-b", resume=True) == first
+    assert tracker.client.get_run(first).info.status == "RUNNING"
+    tracker.finish_study(first)
+    assert tracker.start_study("study-b") != first  # a finished study started again without --resume
+
+
+def test_trial_run_and_log_epoch_are_idempotent_across_trackers(tracker: StudyTracker, mlflow_server: str,
+                                                               mlflow_experiment: str):
+    parent = tracker.start_study("study-c")
+    child = tracker.trial_run(parent, "trial_00001", study_config())
+    assert tracker.trial_run(parent, "trial_00001", study_config()) == child
+    assert tracker.log_epoch(child, {"clean_acc": 0.5, "robust_acc": math.inf, "label": "x", "flag": True}, 0) == 1
+    assert tracker.log_epoch(child, {"clean_acc": 0.5}, 0) == 0
+    tracker.finish_trial(child, "failed", "RuntimeError: lost the node")
+
+    # A new driver process (resumed study): same parent, same child (running again), no replayed epoch twice.
+    resumed = StudyTracker(mlflow_server, mlflow_experiment)
+    assert resumed.start_study("study-c", resume=True) == parent
+    assert resumed.trial_run(parent, "trial_00001", study_config()) == child
+    assert resumed.log_epoch(child, {"clean_acc": 0.5}, 0) == 0
+    assert resumed.log_epoch(child, {"clean_acc": 0.6, "robust_acc": 0.3}, 1) == 2
+    run = resumed.client.get_run(child)
+    assert run.info.status == "RUNNING" and run.data.tags["satscale.trial_state"] == "running"
+    assert "satscale.failure_reason" not in run.data.tags
+    assert steps(resumed.client, child, "clean_acc") == [0, 1]
+    assert steps(resumed.client, child, "robust_acc") == [1]
+    assert len(child_runs(resumed.client, experiment_id(resumed.client, mlflow_experiment), parent)) == 1
+
+
+def test_an_interrupted_study_resumes_into_the_same_runs_through_the_callback(tracker: StudyTracker,
+                                                                            mlflow_server: str,
+                                                                            mlflow_experiment: str):
+    parent = tracker.start_study("study-d")
+    done = FakeTrial("done_00000", study_config("softplus"))
+    cut = FakeTrial("cut_00001", study_config("silu"))
+    before = MLflowStudyCallback(tracker, parent, all_params, max_epochs=MAX_EPOCHS)
+    # Tuner pickles its RunConfig, callbacks included, when built; Tuner.restore brings that copy back.
+    pickled_by_tuner = cloudpickle.dumps(before)
+    for trial in (done, cut):
+        before.on_trial_start(0, [], trial)
+    for epoch in range(MAX_EPOCHS):
+        done.last_result = synthetic_metrics(done.config, epoch)
+        before.on_trial_result(0, [], done, done.last_result)
+    before.on_trial_complete(0, [], done)
+    done.status = "TERMINATED"
+    cut.last_result = synthetic_metrics(cut.config, 0)
+    before.on_trial_result(0, [], cut, cut.last_result)
+    # The driver dies here. The resumed study restores `cut` from its epoch-0 checkpoint, so epoch 0's result
+    # may be reported again; `done` is not re-run.
+    assert StudyTracker(mlflow_server, mlflow_experiment).start_study("study-d", resume=True) == parent
+    after = cloudpickle.loads(pickled_by_tuner)
+    after.on_trial_start(0, [], cut)
+    for epoch in range(MAX_EPOCHS):
+        cut.last_result = synthetic_metrics(cut.config, epoch)
+        after.on_trial_result(0, [], cut, cut.last_result)
+    after.on_trial_complete(0, [], cut)
+    cut.status = "TERMINATED"
+    after.on_experiment_end([done, cut])
+
+    client = tracker.client
+    children = child_runs(client, experiment_id(client, mlflow_experiment), parent)
+    assert sorted(run.data.tags["satscale.trial_id"] for run in children) == ["cut_00001", "done_00000"]
+    for run in children:
+        assert steps(client, run.info.run_id, "clean_acc") == [0, 1, 2]
+        assert run.info.status == "FINISHED" and run.data.tags["satscale.trial_state"] == "finished"
+    assert sorted(row.trial_id for row in after.rows) == ["cut_00001", "done_00000"]
+    assert after.unlogged == []
+
+
+# --- (c) reports ----------------------------------------------------------------------------------------------------
+def hand_made_rows() -> list[StudyRow]:
+    def row(trial_id, activation, clean, robust, state="finished", cost=1e9, reason=None, epochs=3):
+        return StudyRow(trial_id, {**study_config(activation), "width_mult": 1.0}, state, clean, robust, cost, epochs,
+                        reason)
+
+    return [row("t0", "relu", 0.70, 0.30),                       # dominated by t1
+            row("t1", "softplus", 0.72, 0.35, cost=2e9),
+            row("t2", "silu", 0.68, 0.38, cost=4e9),               # frontier: most robust
+            row("t3", "gelu", 0.80, 0.20),                         # frontier: most accurate
+            row("t4", "elu", 0.60, 0.10, state="stopped_early", epochs=1),
+            row("t5", "relu", 0.95, 0.90, state="failed", reason="ValueError: diverged", epochs=2)]
+
+
+def test_leaderboard_orders_by_robust_accuracy_with_failed_trials_last(tmp_path: Path):
+    rows = hand_made_rows()
+    assert [row.trial_id for row in leaderboard(rows)] == ["t2", "t1", "t0", "t3", "t4", "t5"]
+    csv_lines = write_leaderboard_csv(rows, tmp_path / "board.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("rank,trial_id,state,clean_acc,robust_acc,cost_flops,epochs,failure_reason,")
+    assert csv_lines[1].startswith("1,t2,finished,0.68,0.38,4000000000.0,3,,")
+    assert csv_lines[-1].startswith("6,t5,failed,0.95,0.9,1000000000.0,2,ValueError: diverged,")
+
+    table = leaderboard_markdown(rows).splitlines()
+    assert table[0] == ("| Rank | Activation | Scale (arch, depth, width, res) | Clean acc (%) | PGD robust acc (%) "
+                        "| Notes |")
+    assert table[2] == "| 1 | silu | resnet18, 0.5, 1.0, 32 | 68.0 | 38.0 |  |"
+    assert table[6] == "| 5 | elu | resnet18, 0.5, 1.0, 32 | 60.0 | 10.0 | stopped early after 1 epoch(s) |"
+    assert table[7] == "| 6 | relu | resnet18, 0.5, 1.0, 32 | 95.0 | 90.0 | failed: ValueError: diverged |"
+
+
+def test_pareto_front_keeps_only_non_dominated_results():
+    rows = hand_made_rows()
+    assert [row.trial_id for row in pareto_front(rows)] == ["t2", "t1", "t3"]
+    twin = StudyRow("t6", {}, "finished", 0.68, 0.38, None, 3)
+    assert [row.trial_id for row in pareto_front([*rows, twin])] == ["t2", "t6", "t1", "t3"]  # equal: both stay
+    assert pareto_front([rows[-1]]) == []
+
+
+def test_reports_are_logged_on_the_parent_run_and_stored_in_s3(tracker: StudyTracker, mlflow_artifact_bucket: str,
+                                                               tmp_path: Path):
+    import boto3
+    from PIL import Image
+
+    paths = write_reports(hand_made_rows(), tmp_path / "reports")
+    assert [path.name for path in paths] == ["leaderboard.csv", "leaderboard.md", "pareto.png"]
+    png = tmp_path / "reports" / "pareto.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.size == (840, 600)
+        # Not a blank canvas: markers and the frontier line draw many colours.
+        assert len(np.unique(np.asarray(image.convert("RGB")).reshape(-1, 3), axis=0)) > 20
+
+    parent = tracker.start_study("study-e")
+    tracker.log_reports(parent, tmp_path / "reports")
+    listed = {Path(info.path).name: info.file_size for info in tracker.client.list_artifacts(parent, "reports")}
+    assert set(listed) == {"leaderboard.csv", "leaderboard.md", "pareto.png"}
+    assert listed["pareto.png"] == png.stat().st_size
+    downloaded = tracker.client.download_artifacts(parent, "reports/leaderboard.md", str(tmp_path / "back"))
+    assert Path(downloaded).read_text() == (tmp_path / "reports" / "leaderboard.md").read_text()
+    stored = boto3.session.Session().client("s3").list_objects_v2(Bucket=mlflow_artifact_bucket,
+                                                                 Prefix="mlartifacts/")
+    keys = [entry["Key"] for entry in stored.get("Contents", [])]
+    for name in listed:
+        assert any(key.endswith(f"/{parent}/artifacts/reports/{name}") for key in keys), (name, keys)
+
+
+# --- (d) the best trial's model ------------------------------------------------------------------------------------
+def test_best_model_is_logged_in_the_pytorch_flavour_and_loads_back(tracker: StudyTracker, mlflow_server: str,
+                                                                    mlflow_artifact_bucket: str, monkeypatch):
+    import boto3
+    import mlflow.pytorch
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Softplus(beta=10.0), nn.Flatten(), nn.Linear(4 * 6 * 6, 10)).eval()
+    parent = tracker.start_study("study-f")
+    model_uri = tracker.log_best_model(parent, model, "best_model")
+    assert model_uri == f"runs:/{parent}/best_model"
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)  # `runs:/` URIs resolve against it
+    loaded = mlflow.pytorch.load_model(model_uri).eval()
+    images = torch.rand(5, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), model(images))
+    stored = boto3.session.Session().client("s3").list_objects_v2(Bucket=mlflow_artifact_bucket,
+                                                                 Prefix="mlartifacts/")
+    assert any(entry["Key"].endswith(f"/{parent}/artifacts/best_model/MLmodel") for entry in stored["Contents"])
+
+
+# --- (e) an unreachable or hanging server never blocks or crashes the study --------------------------------------
+def test_unreachable_server_queues_calls_returns_promptly_and_warns():
+    dead_uri = f"http://127.0.0.1:{free_loopback_port()}"
+    tracker = StudyTracker(dead_uri, "unreachable", request_timeout_s=1, max_retries=1)
+    callback = MLflowStudyCallback(tracker, "0" * 32, all_params, max_epochs=MAX_EPOCHS, retry_interval_s=0)
+    trial = FakeTrial("t_00000", study_config())
+    started = time.monotonic()
+    callback.on_trial_start(0, [trial], trial)
+    for epoch in range(MAX_EPOCHS):
+        trial.last_result = synthetic_metrics(trial.config, epoch)
+        callback.on_trial_result(0, [trial], trial, trial.last_result)
+    callback.on_trial_complete(0, [trial], trial)
+    trial.status = "TERMINATED"
+    with pytest.warns(RuntimeWarning, match=r"5 MLflow call\(s\) could not be logged"):
+        callback.on_experiment_end([trial])
+    assert time.monotonic() - started < 10
+    assert callback.unlogged == ["run of trial t_00000", "epoch 0 metrics of trial t_00000",
+                                 "epoch 1 metrics of trial t_00000", "epoch 2 metrics of trial t_00000",
+                                 "state 'finished' of trial t_00000"]
+    assert [row.state for row in callback.rows] == ["finished"]  # the reports do not need MLflow
+
+
+def test_a_hanging_server_costs_one_timeout_per_retry_interval():
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        tracker = StudyTracker(f"http://127.0.0.1:{silent.getsockname()[1]}", "hanging", request_timeout_s=1,
+                               max_retries=0)
+        callback = MLflowStudyCallback(tracker, "0" * 32, all_params, max_epochs=MAX_EPOCHS, retry_interval_s=60)
+        trial = FakeTrial("t_00000", study_config())
+        started = time.monotonic()
+        callback.on_trial_start(0, [trial], trial)
+        first_event_s = time.monotonic() - started
+        trial.last_result = synthetic_metrics(trial.config, 0)
+        callback.on_trial_result(0, [trial], trial, trial.last_result)
+        second_event_s = time.monotonic() - started - first_event_s
+    assert 0.9 < first_event_s < 5  # the 1 s timeout, not MLflow's default 120 s with 7 retries
+    assert second_event_s < 0.5  # within the retry interval: queued, not tried
+    assert len(callback.unlogged) == 2
+
+
+class _Forwarder(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+def forwarding_proxy(port: int, upstream_port: int) -> _Forwarder:
+    """A TCP relay from `port` to `upstream_port`: the MLflow server 'coming back' on a known address."""
+    class Relay(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            with socket.create_connection(("127.0.0.1", upstream_port)) as upstream:
+                peers = {self.request: upstream, upstream: self.request}
+                while True:
+                    readable, _, _ = select.select(list(peers), [], [], 10)
+                    for source in readable:
+                        data = source.recv(1 << 16)
+                        if not data:
+                            return
+                        peers[source].sendall(data)
+                    if not readable:
+                        return
+
+    proxy = _Forwarder(("127.0.0.1", port), Relay)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    return proxy
+
+
+def test_queued_calls_reach_the_server_once_it_is_back(mlflow_server: str, mlflow_experiment: str):
+    port = free_loopback_port()
+    tracker = StudyTracker(f"http://127.0.0.1:{port}", mlflow_experiment, request_timeout_s=2, max_retries=0)
+    parent = StudyTracker(mlflow_server, mlflow_experiment).start_study("study-g")
+    callback = MLflowStudyCallback(tracker, parent, all_params, max_epochs=MAX_EPOCHS, retry_interval_s=0)
+    trial = FakeTrial("t_00000", study_config())
+    callback.on_trial_start(0, [trial], trial)
+    trial.last_result = synthetic_metrics(trial.config, 0)
+    callback.on_trial_result(0, [trial], trial, trial.last_result)
+    assert len(callback.unlogged) == 2
+
+    proxy = forwarding_proxy(port, int(mlflow_server.rsplit(":", 1)[1]))
+    try:
+        trial.last_result = synthetic_metrics(trial.config, 1)
+        callback.on_trial_result(0, [trial], trial, trial.last_result)  # the next event flushes the queue
+        assert callback.unlogged == []
+        client = tracker.client
+        (child,) = child_runs(client, experiment_id(client, mlflow_experiment), parent)
+        assert steps(client, child.info.run_id, "clean_acc") == [0, 1]
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+
+
+# --- (f) no credential reaches MLflow -----------------------------------------------------------------------------
+def test_redact_masks_credentials_by_name_by_shape_and_by_environment_value(planted_env_token):
+    redacted = redact({"AWS_SECRET_ACCESS_KEY": FAKE_SECRET, "aws_access_key_id": FAKE_KEY_ID, "db_password": "pw",
+                       "hf_token": "x", "owner": f"key {FAKE_KEY_ID}", "uri": f"s3://me:{FAKE_SECRET}@bucket/x",
+                       "note": f"token={FAKE_TOKEN}", "width_mult": 2.0, "steps": 3, "arch": "resnet50"})
+    assert redacted == {"AWS_SECRET_ACCESS_KEY": REDACTED, "aws_access_key_id": REDACTED, "db_password": REDACTED,
+                        "hf_token": REDACTED, "owner": f"key {REDACTED}", "uri": f"s3://{REDACTED}@bucket/x",
+                        "note": f"token={REDACTED}", "width_mult": 2.0, "steps": 3, "arch": "resnet50"}
+    assert scrub("moto's key is testing") == "moto's key is testing"  # short env values are not masked
+
+
+def test_no_credential_in_any_param_or_tag(tracker: StudyTracker, mlflow_experiment: str, planted_env_token):
+    parent = tracker.start_study("study-h", params={"AWS_ACCESS_KEY_ID": FAKE_KEY_ID, "storage": f"t={FAKE_TOKEN}"},
+                                 tags={"aws_session_token": FAKE_TOKEN, "owner": FAKE_KEY_ID})
+    child = tracker.trial_run(parent, "t_00000", {**study_config(), "secret_key": FAKE_SECRET, "who": FAKE_KEY_ID})
+    tracker.finish_trial(child, "failed", f"ClientError: token {FAKE_TOKEN} expired for {FAKE_KEY_ID}")
+    run = tracker.client.get_run(child)
+    assert run.data.tags["satscale.failure_reason"] == f"ClientError: token {REDACTED} expired for {REDACTED}"
+    assert_no_secrets(tracker.client, experiment_id(tracker.client, mlflow_experiment))
+
+
+def test_tracking_uri_resolution(monkeypatch, tmp_path: Path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri(None) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert resolve_tracking_uri(None) == "http://127.0.0.1:5000"
+    assert resolve_tracking_uri("sqlite:///runs/study.db") == f"sqlite:///{tmp_path.resolve()}/runs/study.db"
+    assert resolve_tracking_uri("mlruns") == (tmp_path / "mlruns").resolve().as_uri()
+
+
+def test_failure_reason_falls_back_to_the_text_trace(tmp_path: Path, planted_env_token):
+    trace = tmp_path / "error.txt"
+    trace.write_text("Failure # 1 (occurred at 2026-01-01_00-00-00)\nTraceback (most recent call last):\n"
+                     '  File "train.py", line 3, in loop\nbotocore.exceptions.NoCredentialsError: token '
+                     f"{FAKE_TOKEN} rejected\n\n")
+    reason = trial_failure_reason(FakeTrial("t_00000", {}, error_file=str(trace)))
+    assert reason == f"botocore.exceptions.NoCredentialsError: token {REDACTED} rejected"
