@@ -185,9 +185,9 @@ def _best_model(study: StudyConfig, rows: list[StudyRow], results, storage_path:
     ranked = [row for row in leaderboard(rows) if row.state != "failed" and row.robust_acc is not None]
     if not ranked:
         return None
-    best = next(result for result in results
-                if (result.metrics or {}).get("trial_id") == ranked[0].trial_id)
-    checkpoint_path = (best.metrics or {}).get(CHECKPOINT_PATH_KEY)
+    best_metrics = next((result.metrics for result in results
+                         if (result.metrics or {}).get("trial_id") == ranked[0].trial_id), None)
+    checkpoint_path = (best_metrics or {}).get(CHECKPOINT_PATH_KEY)
     if not checkpoint_path:
         return None
     filesystem = pyarrow.fs.FileSystem.from_uri(storage_path)[0] if "://" in storage_path else None

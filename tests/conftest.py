@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -18,9 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-# Ray 2.59+ heads require token authentication, and Ray reads RAY_AUTH_MODE once, at import: clients (this
-# process, study drivers, the job CLI) then send the token `ray start` writes to ~/.ray/auth_token.
+# Ray 2.59+ heads require token authentication, and Ray reads its auth settings once, at import. The test
+# head gets its own random token (a fresh machine has no ~/.ray/auth_token, and `ray start` in token mode
+# refuses to run without one); the head, study drivers and the job CLI inherit it from this environment.
 os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
 # The MLflow server fixture (real `mlflow server`, artifacts on the loopback S3 server).
 pytest_plugins = ["tests.fixtures.mlflow_server"]
