@@ -34,7 +34,7 @@ from trainers.data.convert import convert
 from trainers.data.manifest import read_manifest, verify_file
 from trainers.distributed import build_trainer
 from trainers.errors import ConfigError
-from trainers.models import build_model_from_config
+from trainers.models import ModelConfig, build_model_from_config
 from trainers.trial import TrialConfig
 
 # A trial's Tune driver only waits on its Train workers, so it holds no CPU: a CPU per driver deadlocks small
@@ -164,8 +164,6 @@ def build_tuner(study: StudyConfig, storage_path: str, callback: MLflowStudyCall
 
 @functools.lru_cache(maxsize=256)
 def _flops_per_image(model_json: str) -> float:
-    from trainers.models import ModelConfig
-
     return float(build_model_from_config(ModelConfig.model_validate_json(model_json)).cost().flops)
 
 
@@ -180,7 +178,7 @@ def _study_functions(study: StudyConfig):
     return params, cost
 
 
-def _best_model(study: StudyConfig, rows: list[StudyRow], results, storage_path: str):
+def _best_model(rows: list[StudyRow], results, storage_path: str):
     """The best finished trial's model, loaded from its last checkpoint (None if no trial finished)."""
     ranked = [row for row in leaderboard(rows) if row.state != "failed" and row.robust_acc is not None]
     if not ranked:
@@ -220,7 +218,7 @@ def run_study(study: StudyConfig, storage_path: str, tracking_uri: str, resume: 
     with tempfile.TemporaryDirectory(prefix="satscale-reports-") as directory:
         write_reports(rows, Path(directory))
         tracker.log_reports(parent_run_id, Path(directory))
-    model = _best_model(study, rows, results, storage_path)
+    model = _best_model(rows, results, storage_path)
     if model is not None:
         best_model_uri = tracker.log_best_model(parent_run_id, model)
     tracker.finish_study(parent_run_id)
