@@ -27,6 +27,9 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
 	$(VENV)/bin/python -m pip install -q -e ".[dev]"
+	# AutoAttack for orchestrator/evaluate_study.py: torchattacks' metadata asks for torchvision (which fails
+	# beside this torch build) but its code never imports it.
+	$(VENV)/bin/python -m pip install -q --no-deps "torchattacks==3.5.1"
 	touch $(STAMP)
 
 demo: setup

@@ -1,11 +1,13 @@
-"""A study's reports from its trials' final results: leaderboard (CSV, Markdown) and a Pareto-frontier plot.
+"""A study's reports from its trials' final results: leaderboard (CSV, Markdown), a Pareto-frontier plot and,
+when trials repeat a configuration over seeds, each configuration's mean ± std.
 
 Pure: no MLflow, no Ray. The tracker logs the files these functions write.
 """
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterable, Sequence
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -149,12 +151,114 @@ def plot_pareto(rows: Iterable[StudyRow], path: Path) -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class SeedGroup:
+    """Trials that differ only in their seed: each metric's mean and sample standard deviation over them."""
+
+    label: str
+    params: dict[str, Any]
+    seeds: tuple[Any, ...]
+    mean: dict[str, float]
+    std: dict[str, float]  # 0 for a single seed
+
+
+def _group_label(params: Mapping[str, Any], varying: Sequence[str]) -> str:
+    """`activation(its varying params), other varying params`: what tells this group from the others."""
+    present = [name for name in varying if params.get(name) not in (None, "")]  # CSV rows hold "" for absent
+    activation_params = [f"{name.split('.', 1)[1]}={params[name]}" for name in present if name.startswith("activation.")]
+    label = str(params.get("activation", "?")) + (f"({', '.join(activation_params)})" if activation_params else "")
+    others = [f"{name}={params[name]}" for name in present
+              if name != "activation" and not name.startswith("activation.")]
+    return ", ".join([label, *others])
+
+
+def seed_groups(records: Iterable[tuple[Mapping[str, Any], Mapping[str, float | None]]],
+                seed_param: str = "seed") -> list[SeedGroup]:
+    """Group (params, metrics) records by every param except `seed_param`, in first-seen order. A metric's mean
+    and std are over the records that have it."""
+    grouped: dict[str, list[tuple[Mapping[str, Any], Mapping[str, float | None]]]] = {}
+    for params, metrics in records:
+        key = repr(sorted((name, str(value)) for name, value in params.items() if name != seed_param))
+        grouped.setdefault(key, []).append((params, metrics))
+    shared = [{name: value for name, value in members[0][0].items() if name != seed_param}
+              for members in grouped.values()]
+    names = sorted({name for params in shared for name in params})
+    varying = [name for name in names if len({str(params.get(name)) for params in shared}) > 1]
+    groups = []
+    for params, members in zip(shared, grouped.values()):
+        values: dict[str, list[float]] = {}
+        for _, metrics in members:
+            for name, value in metrics.items():
+                if value is not None:
+                    values.setdefault(name, []).append(float(value))
+        groups.append(SeedGroup(
+            label=_group_label(params, varying), params=params,
+            seeds=tuple(member.get(seed_param) for member, _ in members),
+            mean={name: statistics.fmean(series) for name, series in values.items()},
+            std={name: statistics.stdev(series) if len(series) > 1 else 0.0 for name, series in values.items()}))
+    return groups
+
+
+def _mean_std(group: SeedGroup, metric: str) -> str:
+    if metric not in group.mean:
+        return "–"
+    return f"{100 * group.mean[metric]:.1f} ± {100 * group.std[metric]:.1f}"
+
+
+def seed_groups_markdown(groups: Iterable[SeedGroup], columns: Mapping[str, str]) -> str:
+    """One line per configuration: `columns` maps metric names to headers; values in % as mean ± std."""
+    lines = ["| Configuration | Seeds | " + " | ".join(f"{header} (%)" for header in columns.values()) + " |",
+             "|---|---:|" + "---:|" * len(columns)]
+    for group in groups:
+        cells = [group.label, len(group.seeds), *(_mean_std(group, metric) for metric in columns)]
+        lines.append("| " + " | ".join(_cell(cell) for cell in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_seed_groups(groups: Sequence[SeedGroup], columns: Mapping[str, str], path: Path, title: str) -> Path:
+    """Grouped horizontal bars, one group of bars per configuration, error bars = std over seeds."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8, 1.2 + 0.45 * len(groups) * max(len(columns), 1)), dpi=120)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    height = 0.8 / max(len(columns), 1)
+    for index, (metric, header) in enumerate(columns.items()):
+        positions = [row + index * height for row in range(len(groups))]
+        axes.barh(positions, [100 * group.mean.get(metric, 0.0) for group in groups], height=height,
+                  xerr=[100 * group.std.get(metric, 0.0) for group in groups], capsize=3, label=header,
+                  color=f"C{index}")
+    axes.set_yticks([row + height * (len(columns) - 1) / 2 for row in range(len(groups))],
+                    [group.label for group in groups], fontsize=8)
+    axes.invert_yaxis()
+    axes.set_xlabel("Accuracy (%), mean ± std over seeds")
+    axes.set_title(title)
+    axes.legend(loc="lower right", fontsize=8)
+    axes.grid(True, axis="x", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, format="png")
+    return path
+
+
+def _repeats_seeds(groups: Sequence[SeedGroup]) -> bool:
+    return any(len(group.seeds) > 1 for group in groups)
+
+
 def write_reports(rows: Iterable[StudyRow], directory: Path) -> list[Path]:
-    """leaderboard.csv, leaderboard.md and pareto.png in `directory` (created if needed)."""
+    """leaderboard.csv, leaderboard.md and pareto.png in `directory` (created if needed), and seeds.md (each
+    configuration's mean ± std) when trials repeat a configuration over seeds."""
     rows = list(rows)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     markdown = directory / "leaderboard.md"
     markdown.write_text(leaderboard_markdown(rows))
-    return [write_leaderboard_csv(rows, directory / "leaderboard.csv"), markdown,
-            plot_pareto(rows, directory / "pareto.png")]
+    written = [write_leaderboard_csv(rows, directory / "leaderboard.csv"), markdown,
+               plot_pareto(rows, directory / "pareto.png")]
+    groups = seed_groups((row.params, {"clean_acc": row.clean_acc, "robust_acc": row.robust_acc})
+                         for row in rows if row.state != "failed")
+    if _repeats_seeds(groups):
+        seeds = directory / "seeds.md"
+        seeds.write_text(seed_groups_markdown(groups, {"clean_acc": "Clean acc", "robust_acc": "PGD robust acc"}))
+        written.append(seeds)
+    return written

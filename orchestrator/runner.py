@@ -13,27 +13,29 @@ import functools
 import math
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow.fs
-import ray
 from ray import tune
 from ray.train import Checkpoint
 from ray.train.v2.api.exceptions import TrainingFailedError
+from ray.tune.execution import class_cache
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+from cluster import TRIAL_DRIVER_RESOURCE
+from orchestrator.preflight import (check_study_inputs, cluster_capacity, experiment_path, pending_conversions,
+                                   restorable)
 from orchestrator.reports import StudyRow, leaderboard, leaderboard_markdown, write_reports
 from orchestrator.tracking import MLflowStudyCallback, StudyTracker, study_rows
 from search_spaces.space import optuna_space, param_space, trial_config, trial_params
 from search_spaces.study import StudyConfig
 from trainers.checkpoint import load_training_state
 from trainers.data.convert import convert
-from trainers.data.manifest import read_manifest, verify_file
 from trainers.distributed import build_trainer
-from trainers.errors import ConfigError
 from trainers.models import ModelConfig, build_model_from_config
 from trainers.trial import TrialConfig
 
@@ -41,6 +43,16 @@ from trainers.trial import TrialConfig
 # clusters (drivers hold every CPU, no worker group can be placed) and halves concurrency on a laptop. Ray
 # needs some non-zero resource per bundle: a token of memory.
 TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 1 << 20}
+
+
+# Ray Tune copies these from the driver's environment into every trial actor's runtime_env, which Ray logs in
+# plain text (runtime_env_agent.log) and keeps in the cluster's task metadata. Nodes use their own AWS
+# configuration instead (instance roles, profiles); a local Ray inherits the driver's environment anyway.
+CREDENTIAL_VARIABLES = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN"})
+
+
+def _keep_credentials_out_of_trial_runtime_envs() -> None:
+    class_cache.ENV_VARS_TO_PROPAGATE = frozenset(class_cache.ENV_VARS_TO_PROPAGATE) - CREDENTIAL_VARIABLES
 
 
 class TrialFailedError(RuntimeError):
@@ -58,19 +70,11 @@ class StudyOutcome:
 def prepare_datasets(study: StudyConfig) -> None:
     """Convert the study's `dataset` block to .beton files once; later runs reuse files their manifest vouches
     for."""
-    if study.dataset is None:
-        return
-    for conversion in study.dataset.conversions():
-        path = Path(conversion.path)
-        if path.is_file():
-            try:
-                verify_file(path, read_manifest(path), check_sha256=False)
-                continue
-            except Exception:  # a stale or partial file: write it again (convert replaces it atomically)
-                pass
-        print(f"converting {conversion.source}:{conversion.split} -> {path}", flush=True)
-        convert(conversion.source, path, input_dir=Path(conversion.input_dir) if conversion.input_dir else None,
-                split=conversion.split, limit=conversion.limit)
+    for conversion in pending_conversions(study):  # convert replaces a stale or partial file atomically
+        print(f"converting {conversion.source}:{conversion.split} -> {conversion.path}", flush=True)
+        convert(conversion.source, Path(conversion.path),
+                input_dir=Path(conversion.input_dir) if conversion.input_dir else None, split=conversion.split,
+                limit=conversion.limit)
 
 
 def run_trial(config: dict[str, Any], study_values: dict[str, Any], storage_path: str) -> None:
@@ -98,17 +102,25 @@ def _root_cause(error: BaseException) -> str:
     return f"{prefix}{type(error).__name__}: {message[0] if message else ''}"
 
 
-def max_concurrent_trials(study: StudyConfig) -> int:
-    """As many trials as the cluster can place at once, from each trial's worker group and the resources
-    Ray reports now (an autoscaling cluster grows them; Tune then queues the rest)."""
+def trial_driver_resources(capacity: Mapping[str, float]) -> dict[str, float]:
+    """What one trial's Tune driver asks for, given the cluster's resources at its largest: on a cluster that
+    offers trial-driver slots, one of them too."""
+    if capacity.get(TRIAL_DRIVER_RESOURCE):
+        return {**TRIAL_DRIVER_RESOURCES, TRIAL_DRIVER_RESOURCE: 1}
+    return dict(TRIAL_DRIVER_RESOURCES)
+
+
+def max_concurrent_trials(study: StudyConfig, capacity: Mapping[str, float]) -> int:
+    """As many trials as the cluster can place at once at its largest (`capacity`: with an autoscaler, its node
+    types at their max counts; Tune queues the rest), from each trial's driver slot and worker group."""
     if study.tune.max_concurrent_trials:
         return study.tune.max_concurrent_trials
     workers = TrialConfig.parse(study.base_values()).workers
-    resources = ray.cluster_resources()
-    per_trial = {"CPU": workers.num_workers * workers.cpus_per_worker}
-    if workers.use_gpu:
-        per_trial["GPU"] = workers.num_workers * workers.gpus_per_worker
-    fits = [math.floor(resources.get(name, 0) / need) for name, need in per_trial.items()]
+    per_trial = {name: workers.num_workers * need for name, need in workers.resources_per_worker().items()}
+    driver = trial_driver_resources(capacity)
+    if TRIAL_DRIVER_RESOURCE in driver:
+        per_trial[TRIAL_DRIVER_RESOURCE] = driver[TRIAL_DRIVER_RESOURCE]
+    fits = [math.floor(capacity.get(name, 0) / need) for name, need in per_trial.items()]
     return max(1, min(fits))
 
 
@@ -130,34 +142,26 @@ def _searcher(study: StudyConfig):
                         seed=study.tune.seed)
 
 
-def _trainable(study: StudyConfig, storage_path: str):
+def _trainable(study: StudyConfig, storage_path: str, capacity: Mapping[str, float]):
     return tune.with_resources(
         tune.with_parameters(run_trial, study_values=study.model_dump(mode="json"), storage_path=storage_path),
-        TRIAL_DRIVER_RESOURCES)
-
-
-def experiment_path(storage_path: str, study: StudyConfig) -> str:
-    return f"{storage_path.rstrip('/')}/{study.name}"
+        trial_driver_resources(capacity))
 
 
 def build_tuner(study: StudyConfig, storage_path: str, callback: MLflowStudyCallback, resume: bool) -> tune.Tuner:
     """A new Tuner, or with `resume` the interrupted one (finished trials are kept, unfinished ones go on)."""
-    path = experiment_path(storage_path, study)
-    trainable = _trainable(study, storage_path)
-    if tune.Tuner.can_restore(path):
-        if not resume:
-            raise ConfigError(f"study {study.name!r} already has results in {path}; continue it with --resume, "
-                              "or give this run another name (--set name=...) or --storage")
-        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False)
-    if resume:
-        raise ConfigError(f"--resume: nothing to resume in {path}; run without --resume to start the study")
+    capacity = cluster_capacity()[0]
+    trainable = _trainable(study, storage_path, capacity)
+    if restorable(study, storage_path, resume):
+        return tune.Tuner.restore(experiment_path(storage_path, study), trainable=trainable, resume_unfinished=True,
+                                  resume_errored=False)
     searcher = _searcher(study)
     return tune.Tuner(
         trainable,
         param_space={} if searcher else param_space(study),
         tune_config=tune.TuneConfig(metric=study.tune.metric, mode=study.tune.mode, scheduler=_scheduler(study),
                                     search_alg=searcher, num_samples=study.tune.num_samples,
-                                    max_concurrent_trials=max_concurrent_trials(study)),
+                                    max_concurrent_trials=max_concurrent_trials(study, capacity)),
         run_config=tune.RunConfig(name=study.name, storage_path=storage_path, callbacks=[callback]),
     )
 
@@ -188,12 +192,27 @@ def _best_model(rows: list[StudyRow], results, storage_path: str):
     checkpoint_path = (best_metrics or {}).get(CHECKPOINT_PATH_KEY)
     if not checkpoint_path:
         return None
+    return load_trial_model(checkpoint_path, storage_path).model
+
+
+@dataclass(frozen=True)
+class TrainedTrial:
+    """A trial's config, its model (eval mode, CPU) and the last epoch it trained, from a Train checkpoint."""
+
+    trial: TrialConfig
+    model: Any
+    epoch: int
+
+
+def load_trial_model(checkpoint_path: str, storage_path: str) -> TrainedTrial:
+    """The trial saved in one of its Train checkpoints (local, or under s3:// storage)."""
     filesystem = pyarrow.fs.FileSystem.from_uri(storage_path)[0] if "://" in storage_path else None
     with Checkpoint(checkpoint_path, filesystem=filesystem).as_directory() as directory:
         state = load_training_state(Path(directory))
-    model = build_model_from_config(TrialConfig.parse(state["trial"]).model)
+    trial = TrialConfig.parse(state["trial"])
+    model = build_model_from_config(trial.model)
     model.load_state_dict(state["model"])
-    return model.eval()
+    return TrainedTrial(trial, model.eval(), int(state["epoch"]))
 
 
 # Tune saves its experiment state at most every 10 s by default; a driver killed inside that window would
@@ -204,6 +223,8 @@ EXPERIMENT_STATE_PERIOD_S = "1"
 def run_study(study: StudyConfig, storage_path: str, tracking_uri: str, resume: bool = False) -> StudyOutcome:
     """Run (or with `resume`, continue) `study` on the connected Ray cluster; returns its report rows."""
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", EXPERIMENT_STATE_PERIOD_S)
+    check_study_inputs(study, storage_path, resume)  # before anything is converted, tracked or stored
+    _keep_credentials_out_of_trial_runtime_envs()
     prepare_datasets(study)
     tracker = StudyTracker(tracking_uri, experiment_name=study.name)
     parent_run_id = tracker.start_study(study.name, params={"study": study.name, **_study_summary(study)},

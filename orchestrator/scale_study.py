@@ -44,25 +44,60 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted study of this name")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved space and trial count; run nothing")
+    parser.add_argument("--bind-all", action="store_true",
+                        help="let the local Ray this script starts (without RAY_ADDRESS) listen on every network "
+                             "interface, dashboard included, instead of 127.0.0.1 only; token authentication stays on")
     return parser.parse_args(argv)
 
 
-def _storage_uri(storage: str) -> str:
+def storage_uri(storage: str) -> str:
     return storage if "://" in storage else str(Path(storage).resolve())
 
 
-def _connect_ray() -> None:
+LOOPBACK = "127.0.0.1"
+
+
+def local_ray_settings(bind_all: bool) -> None:
+    """Settings for the local Ray started when no RAY_ADDRESS names a cluster, made before `ray` is imported
+    (Ray reads them then): token authentication, and unless `bind_all`, 127.0.0.1 as the node's address, which
+    makes every Ray server (GCS, raylet, workers, agents, dashboard) listen on loopback only, as Ray does on
+    macOS and Windows (on Linux it takes the routable address and listens on all interfaces)."""
+    if os.environ.get("RAY_ADDRESS"):  # set by `ray job submit`
+        if bind_all:
+            raise ConfigError("--bind-all applies to the local Ray this script starts; RAY_ADDRESS names a running "
+                              "cluster, whose own settings decide where it listens: drop --bind-all or RAY_ADDRESS")
+        return
+    mode = os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if mode != "token":
+        raise ConfigError(f"RAY_AUTH_MODE={mode}: the local Ray this script starts always uses token "
+                          "authentication; unset RAY_AUTH_MODE (or set it to token)")
+    if not bind_all:
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+
+def connect_ray(bind_all: bool) -> None:
+    """Join the cluster RAY_ADDRESS names, else start a local Ray (after `local_ray_settings`)."""
     import ray
 
     if ray.is_initialized():
         return
-    # RAY_ADDRESS is set by `ray job submit`; otherwise a local Ray with this machine's cores.
-    ray.init(address=os.environ.get("RAY_ADDRESS"), configure_logging=False)
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, configure_logging=False)
+        return
+    ray.init(configure_logging=False, dashboard_host="0.0.0.0" if bind_all else LOOPBACK)
+    node_address = ray.util.get_node_ip_address()
+    if not bind_all and node_address != LOOPBACK:  # `ray` was imported before local_ray_settings ran
+        ray.shutdown()
+        raise RuntimeError(f"the local Ray took address {node_address}, not {LOOPBACK}: import ray only after "
+                           "scale_study.main has started")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        if not args.dry_run:
+            local_ray_settings(args.bind_all)
         from search_spaces.space import describe_space
         from search_spaces.study import load_study
 
@@ -74,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         from orchestrator.tracking import resolve_tracking_uri
 
         tracking_uri = resolve_tracking_uri(args.mlflow_uri)
-        _connect_ray()
-        outcome = run_study(study, _storage_uri(args.storage), tracking_uri, resume=args.resume)
+        connect_ray(args.bind_all)
+        outcome = run_study(study, storage_uri(args.storage), tracking_uri, resume=args.resume)
     except ConfigError as error:
         print(f"scale_study: {error}", file=sys.stderr)
         return 2

@@ -32,6 +32,9 @@ from ray.tune import Callback, ResultGrid
 from ray.tune.experiment import Trial
 
 from orchestrator.reports import StudyRow, TrialState
+from trainers.checkpoint import load_model, save_model
+from trainers.errors import REDACTED, ConfigError, mask_url_credentials
+from trainers.models import SATModel
 
 logger = logging.getLogger(__name__)
 
@@ -45,20 +48,30 @@ RUN_STATUS: dict[TrialState, str] = {"finished": "FINISHED", "stopped_early": "K
 # What the callback logs per epoch from a trial's result, when present.
 EPOCH_METRICS = ("clean_acc", "robust_acc", "train_loss", "train_robust_acc", "images_per_s", "lr", "resolution")
 
-REDACTED = "<redacted>"
 _SECRET_NAME = re.compile(r"secret|token|password|passwd|credential|access_key|api_key|private_key", re.IGNORECASE)
 _AWS_ACCESS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b")
-# user:password@ (a password may hold unescaped slashes) or a bare token@ right after a URL's scheme.
-_URL_USER_INFO = re.compile(r"(?<=://)(?:[^/@\s:]*:[^@\s]*|[^/@\s:]+)@")
 # Shorter environment values (e.g. moto's "testing") are too common as plain words to mask in free text.
 _MIN_MASKED_SECRET_LENGTH = 8
 _MAX_REASON_LENGTH = 300
+
+
+# MLflow's tracking stores (`postgresql+psycopg2://...` counts as postgresql).
+TRACKING_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks")
 
 
 def resolve_tracking_uri(cli_uri: str | None) -> str:
     """`--mlflow-uri` wins, then `MLFLOW_TRACKING_URI`, else SQLite in the working directory; local stores
     as absolute URIs (Ray Tune changes workers' working directories)."""
     uri = cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    source = "--mlflow-uri" if cli_uri else "MLFLOW_TRACKING_URI"
+    if mask_url_credentials(uri) != uri:  # not echoed: it holds a credential
+        raise ConfigError(f"{source}: the URI carries credentials, which would be printed and stored with the study; "
+                          "remove them and set MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or "
+                          "MLFLOW_TRACKING_TOKEN (a database: PGPASSWORD or ~/.pgpass)")
+    scheme = uri.partition("://")[0].split("+")[0] if "://" in uri else None
+    if scheme is not None and scheme not in TRACKING_SCHEMES:
+        raise ConfigError(f"{source} {uri!r}: MLflow cannot track to a {scheme!r} URI; accepted: "
+                          f"{', '.join(TRACKING_SCHEMES)}, or a local folder")
     if uri.startswith("sqlite:///"):
         database = uri.removeprefix("sqlite:///")
         return uri if database.startswith("/") else f"sqlite:///{Path(database).resolve()}"
@@ -78,7 +91,7 @@ def scrub(text: str) -> str:
     for secret in _environment_secrets():
         text = text.replace(secret, REDACTED)
     text = _AWS_ACCESS_KEY_ID.sub(REDACTED, text)
-    return _URL_USER_INFO.sub(f"{REDACTED}@", text)
+    return mask_url_credentials(text)
 
 
 def redact(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -197,6 +210,12 @@ class StudyTracker:
         return run.info.run_id
 
     @_bounded_http
+    def study_run_id(self, study_name: str) -> str | None:
+        """The latest parent run of `study_name`, left as it is (None when the study was never tracked here)."""
+        runs = self._runs_tagged({TAG_STUDY: study_name, TAG_ROLE: "study"})
+        return runs[0].info.run_id if runs else None
+
+    @_bounded_http
     def trial_run(self, parent_run_id: str, trial_id: str, params: Mapping[str, Any], *,
                   restart: bool = True) -> str:
         """The child run of `trial_id` under the parent run, created once: a restored trial gets its run back,
@@ -265,20 +284,24 @@ class StudyTracker:
         self._client.log_artifacts(parent_run_id, str(directory), artifact_path=artifact_path)
 
     @_bounded_http
-    def log_best_model(self, parent_run_id: str, model: Any, name: str = "best_model") -> str:
-        """Log `model` (a torch.nn.Module) in MLflow's pytorch flavour under the parent run; returns a URI
-        for `mlflow.pytorch.load_model`. Saved locally then uploaded with the explicit client, so it works
-        against any tracking server and artifact store without the fluent API's global run."""
-        import mlflow.pytorch
-
+    def log_best_model(self, parent_run_id: str, model: SATModel, name: str = "best_model") -> str:
+        """Log `model` under the parent run as its description and weights (`trainers.checkpoint.save_model`),
+        not as MLflow's pickled pytorch flavour: loading a pickle runs whatever code it holds. Returns the URI
+        `load_best_model` takes."""
         with tempfile.TemporaryDirectory() as scratch:
-            local = Path(scratch) / name
-            # Pickled: MLflow 3's default ("pt2", a traced graph) needs an example input and fixes the input
-            # shape. Explicit requirements: inferring them re-imports the model in a subprocess (slow).
-            mlflow.pytorch.save_model(model, str(local), serialization_format="pickle",
-                                      pip_requirements=mlflow.pytorch.get_default_pip_requirements())
-            self._client.log_artifacts(parent_run_id, str(local), artifact_path=name)
+            save_model(Path(scratch), model)
+            self._client.log_artifacts(parent_run_id, scratch, artifact_path=name)
         return f"runs:/{parent_run_id}/{name}"
+
+
+def load_best_model(model_uri: str, tracking_uri: str) -> SATModel:
+    """The model `StudyTracker.log_best_model` logged (`runs:/RUN_ID/best_model`), rebuilt and loaded safely."""
+    import mlflow.artifacts
+
+    with tempfile.TemporaryDirectory() as scratch:
+        directory = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=scratch,
+                                                        tracking_uri=tracking_uri)
+        return load_model(Path(directory))
 
 
 def _is_permanent(error: Exception) -> bool:

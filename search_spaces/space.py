@@ -3,7 +3,7 @@ Tune config, the trial it describes: `trial_config(study, config)`.
 
 Tune config keys (flat and readable):
     activation                           {"name": ..., "params": {...}}: one entry of search.activations
-    compound_phi, compound_alpha, compound_beta, compound_gamma      search.scaling, mode compound
+    compound_phi, compound_rule, compound_alpha, compound_beta, compound_gamma    search.scaling, mode compound
     depth_mult, width_mult, resolution                               search.scaling, mode direct
     train_attack.<field>, eval_attack.<field>, optimizer.<field>, epochs, seed
 Other keys in a config (a searcher's bookkeeping, the orchestrator's own) are ignored.
@@ -26,7 +26,7 @@ from search_spaces.paths import set_path
 from trainers.activations import activation_params
 from trainers.attacks import AttackConfig
 from trainers.models import ARCHS, compound_scaling
-from trainers.models.efficientnet import ALPHA, BETA, GAMMA
+from trainers.models.efficientnet import ALPHA, BETA, COMPOUND_RULES, GAMMA
 from trainers.errors import validated
 from trainers.trial import TrialConfig
 
@@ -79,9 +79,12 @@ def trial_config(study: StudyConfig, sampled: dict[str, Any]) -> TrialConfig:
 
 
 def _apply_compound_scaling(model: dict[str, Any], sampled: dict[str, Any]) -> None:
-    """phi with the study's alpha, beta, gamma, from the model's resolution (else the arch's) as phi=0."""
+    """phi with the study's rule or alpha, beta, gamma, from the model's resolution (else the arch's) as phi=0."""
     phi = sampled["compound_phi"]
-    alpha, beta, gamma = (sampled.get(key, default) for key, default in COMPOUND_DEFAULTS.items())
+    if "compound_rule" in sampled:
+        alpha, beta, gamma = COMPOUND_RULES[sampled["compound_rule"]]
+    else:
+        alpha, beta, gamma = (sampled.get(key, default) for key, default in COMPOUND_DEFAULTS.items())
     base_resolution = model["resolution"] or ARCHS[model["arch"]].scale.resolution
     scaled = compound_scaling(phi, alpha, beta, gamma, base_resolution=base_resolution)
     # ModelConfig applies EfficientNet's own alpha**phi and beta**phi for compound_phi (kept, it is what the study

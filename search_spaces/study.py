@@ -26,7 +26,7 @@ from trainers.activations import ACTIVATIONS, build_activation
 from trainers.attacks import AttackConfig
 from trainers.data.sources import SOURCE_FORMATS
 from trainers.errors import ConfigError, one_of, validated
-from trainers.models.efficientnet import ALPHA, BETA, GAMMA
+from trainers.models.efficientnet import ALPHA, BETA, COMPOUND_RULES, GAMMA
 from trainers.trial import TrialConfig
 from trainers.training import OptimizerConfig
 
@@ -99,15 +99,18 @@ class ActivationEntry(BaseModel):
         return params
 
 
-SCALING_FIELDS = {"compound": ("phi", "alpha", "beta", "gamma"), "direct": ("depth_mult", "width_mult", "resolution")}
+SCALING_FIELDS = {"compound": ("phi", "rule", "alpha", "beta", "gamma"),
+                  "direct": ("depth_mult", "width_mult", "resolution")}
 
 
 class ScalingSpace(_Space):
-    """`compound`: EfficientNet's phi, optionally with the study's own alpha, beta, gamma; `direct`: the
-    multipliers and resolution themselves (ResNets: depth and width)."""
+    """`compound`: EfficientNet's phi, with a named `rule` (EfficientNet's, or depth, width or resolution
+    alone at the same FLOPs growth) or the study's own alpha, beta, gamma; `direct`: the multipliers and
+    resolution themselves (ResNets: depth and width)."""
 
     mode: Literal["compound", "direct"]
     phi: Param | None = None
+    rule: Param | None = None
     alpha: Param | None = None
     beta: Param | None = None
     gamma: Param | None = None
@@ -126,8 +129,18 @@ class ScalingSpace(_Space):
         if self.mode == "direct" and not self.given():
             raise ValueError(f"mode 'direct' needs at least one of {list(accepted)}")
         if self.mode == "compound":
+            if self.rule is not None:
+                _check_rules(self.rule, given=[name for name in ("alpha", "beta", "gamma") if getattr(self, name)])
             _check_flops_growth(self.alpha, self.beta, self.gamma)
         return self
+
+
+def _check_rules(rule: Distribution, given: list[str]) -> None:
+    if given:
+        raise ValueError(f"rule sets alpha, beta and gamma; remove {given} or remove rule")
+    for name in rule.candidates():
+        if name not in COMPOUND_RULES:
+            raise ValueError(f"rule {name!r} is unknown; use one of {sorted(COMPOUND_RULES)}")
 
 
 def _check_flops_growth(*given: Distribution | None) -> None:
@@ -310,15 +323,10 @@ class StudyConfig(BaseModel):
 
 
 def _check_trials(study: StudyConfig) -> None:
-    """Every searched value, and every activation's parameters, tried in a complete trial config."""
+    """Every activation's parameters, then every searched value, tried in a complete trial config. The
+    activations come first: the trials that check the other values use the first one, so its errors must
+    already read `search.activations[i]`."""
     study.base_values()  # the base alone first, so its errors read `base.<path>`
-    sample = representative_sample(study)
-    for searched in study.search.searched():
-        for value in searched.distribution.candidates():
-            try:
-                trial_config(study, {**sample, searched.key: value})
-            except ConfigError as error:
-                raise ConfigError(f"{searched.path}: {value!r} makes an invalid trial:\n{error}") from None
     for index, entry in enumerate(study.search.activations or ()):
         first = {name: value.candidates()[0] for name, value in entry.params.items()}
         for name, value in entry.params.items():
@@ -329,6 +337,13 @@ def _check_trials(study: StudyConfig) -> None:
                     raise ConfigError(f"search.activations[{index}].params.{name}: {error}") from None
         if not entry.params:
             build_activation(entry.name)  # e.g. relu_smooth_backward's defaults
+    sample = representative_sample(study)
+    for searched in study.search.searched():
+        for value in searched.distribution.candidates():
+            try:
+                trial_config(study, {**sample, searched.key: value})
+            except ConfigError as error:
+                raise ConfigError(f"{searched.path}: {value!r} makes an invalid trial:\n{error}") from None
 
 
 def _check_tune(study: StudyConfig) -> None:

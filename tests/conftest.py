@@ -25,8 +25,9 @@ from torch.utils.data import DataLoader, TensorDataset
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
-# The MLflow server fixture (real `mlflow server`, artifacts on the loopback S3 server).
-pytest_plugins = ["tests.fixtures.mlflow_server"]
+# Real servers: `mlflow server` (artifacts on the loopback S3 server); faults: an S3 server a test may restart,
+# a relay that cuts the MLflow server off the network for a while.
+pytest_plugins = ["tests.fixtures.mlflow_server", "tests.fixtures.restartable_s3", "tests.fixtures.outage_proxy"]
 from tests.fixtures.network import free_loopback_port  # noqa: E402
 
 # --- SAT core: real data (scikit-learn's digits), upscaled to 3x32x32 images in [0, 1] ---------------------

@@ -4,6 +4,8 @@ import torch
 from pydantic import ValidationError
 
 from trainers.attacks import AttackConfig, PGDAttacker
+from trainers.attacks.autoattack import autoattack_accuracy, build_autoattack
+from trainers.errors import ConfigError
 from trainers.models import build_model
 
 EPS = 0.1
@@ -140,6 +142,24 @@ def test_zero_eps_returns_the_clean_images(trained_digits_model, batch):
     images, labels = batch
     torch.testing.assert_close(PGDAttacker(AttackConfig(eps=0, steps=5)).perturb(
         trained_digits_model, images, labels), images)
+
+
+def test_autoattack_is_at_least_as_strong_as_pgd_and_harmless_at_zero_eps(trained_digits_model, batch):
+    images, labels = images_and_labels = batch[0][:64], batch[1][:64]
+    clean = accuracy(trained_digits_model, images, labels)
+    pgd = accuracy(trained_digits_model, PGDAttacker(AttackConfig(eps=EPS, step_size=EPS / 4, steps=10)).perturb(
+        trained_digits_model, images, labels), labels)
+    autoattack = autoattack_accuracy(trained_digits_model, [images_and_labels], "linf", EPS, 10, "apgd")
+    assert autoattack <= pgd + 1 / 64 and autoattack < clean
+    assert autoattack_accuracy(trained_digits_model, [images_and_labels], "linf", 0.0, 10, "apgd") == clean
+    assert trained_digits_model.training is False  # attack_mode restores the model's state
+
+
+@pytest.mark.parametrize("norm, version, message", [("l1", "apgd", "norm 'l1' is not supported"),
+                                                    ("linf", "plus", "version 'plus' is unknown")])
+def test_autoattack_rejects_what_it_cannot_run(trained_digits_model, norm, version, message):
+    with pytest.raises(ConfigError, match=message):
+        build_autoattack(trained_digits_model, norm, EPS, 10, version)
 
 
 @pytest.mark.parametrize("fields, message", [

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import boto3
+import pandas as pd
 import pytest
 import torch
 
@@ -84,6 +85,10 @@ def test_two_workers_ddp_disjoint_shards_identical_weights(ray_cluster, digits_b
                    "resolution"):
         assert frame[column].notna().all(), column
     assert frame["clean_acc"].iloc[-1] > 0.3  # chance is 0.1
+    # Per-trial overhead, reported with the first epoch only: the worker starts, then its first batch arrives.
+    first, second = frame.sort_values("epoch").to_dict("records")
+    assert 0 < first["time_to_worker_start_s"] < first["time_to_first_batch_s"] < 300
+    assert pd.isna(second.get("time_to_first_batch_s"))
     with result.checkpoint.as_directory() as directory:
         assert {STATE_FILE, rng_file(0), rng_file(1)} <= set(os.listdir(directory))
         state = load_training_state(Path(directory))
@@ -144,6 +149,8 @@ def test_checkpoints_on_s3_and_resume_from_them(ray_cluster, digits_betons, s3_b
     assert second.error is None
     assert second.return_value["final_metrics"]["epoch"] == 1
     assert reported_epochs(second) == [0, 1]
+    resumed_epoch = second.metrics_dataframe.set_index("epoch").loc[1]
+    assert pd.isna(resumed_epoch.get("time_to_first_batch_s"))  # it would include the first run's epoch
     with second.checkpoint.as_directory() as directory:
         assert load_training_state(Path(directory))["epoch"] == 1
 

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from orchestrator.evaluate_study import main as evaluate_study_main
 from orchestrator.scale_study import main as scale_study_main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,6 +94,25 @@ def test_study_submitted_as_a_ray_job_is_tracked_in_mlflow(ray_cluster, mlflow_s
                                                  str(tmp_path))).read_text()
     assert "relu" in leaderboard and "silu" in leaderboard and "failed" in leaderboard
     assert any(item.path == "best_model" for item in client.list_artifacts(parent.info.run_id))
+
+    # The strong evaluation afterwards: every finished trial's last checkpoint under PGD with restarts, AutoAttack
+    # on the best configuration and on ReLU's, numbers on the child runs and reports on the parent run.
+    report_dir = tmp_path / "evaluation"
+    assert evaluate_study_main(["--config", str(study), "--storage", str(tmp_path / "storage"), "--mlflow-uri",
+                                mlflow_server, "--pgd-steps", "5", "--restarts", "2", "--max-images", "96",
+                                "--autoattack-top", "1", "--autoattack-images", "32", "--out", str(report_dir)]) == 0
+    _, _, children = study_runs(mlflow_server, "job-study")
+    evaluated = {run.data.params["activation"]: run for run in children if "pgd5x2_acc" in run.data.metrics}
+    assert set(evaluated) == {"relu", "silu"}  # the diverged trial left no checkpoint to evaluate
+    for run in evaluated.values():
+        assert metric_steps(client, run, "pgd5x2_acc") == [1]  # at the trial's last epoch
+        assert run.data.metrics["pgd5x2_acc"] <= run.data.metrics["final_clean_acc"]
+    attacked = [run for run in evaluated.values() if "autoattack_acc" in run.data.metrics]
+    assert 1 <= len(attacked) <= 2 and any(run.data.params["activation"] == "relu" for run in attacked)
+    summary = (report_dir / "evaluation.md").read_text()
+    assert "| relu | 1 |" in summary and "AutoAttack (apgd)" in summary and "Gap (points)" in summary
+    artifacts = {item.path for item in client.list_artifacts(parent.info.run_id, "evaluation")}
+    assert {"evaluation/evaluation.csv", "evaluation/evaluation.md", "evaluation/evaluation.png"} <= artifacts
 
 
 def _wait_for_a_finished_trial(tracking_uri: str, name: str, driver: subprocess.Popen, timeout_s: float):

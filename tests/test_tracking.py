@@ -17,13 +17,13 @@ import pytest
 import torch
 from mlflow import MlflowClient
 from ray import cloudpickle
-from torch import nn
 
-from orchestrator.reports import (StudyRow, leaderboard, leaderboard_markdown, pareto_front, write_leaderboard_csv,
-                                  write_reports)
-from orchestrator.tracking import (REDACTED, MLflowStudyCallback, StudyTracker, redact, resolve_tracking_uri,
-                                   scrub, study_rows, trial_failure_reason)
+from orchestrator.reports import (StudyRow, leaderboard, leaderboard_markdown, pareto_front, seed_groups,
+                                  seed_groups_markdown, write_leaderboard_csv, write_reports)
+from orchestrator.tracking import (REDACTED, MLflowStudyCallback, StudyTracker, load_best_model, redact,
+                                   resolve_tracking_uri, scrub, study_rows, trial_failure_reason)
 from tests.fixtures.network import free_loopback_port
+from trainers.models import build_model
 
 STUDY_PARAMS = ("activation", "arch", "depth_mult", "width_mult", "resolution", "train_attack_steps", "train_eps",
                 "train_step_size")
@@ -294,6 +294,32 @@ def test_leaderboard_orders_by_robust_accuracy_with_failed_trials_last(tmp_path:
     assert table[7] == "| 6 | relu | resnet18, 0.5, 1.0, 32 | 95.0 | 90.0 | failed: ValueError: diverged |"
 
 
+def test_seed_groups_average_each_configuration_over_its_seeds(tmp_path: Path):
+    def row(trial_id, activation, seed, robust, **extra):
+        params = {**study_config(activation), "width_mult": 1.0, "seed": seed, **extra}
+        return StudyRow(trial_id, params, "finished", 0.8, robust, None, 3)
+
+    rows = [row("a0", "relu", 0, 0.30), row("a1", "relu", 1, 0.34), row("a2", "relu", 2, 0.32),
+            row("b0", "relu_smooth_backward", 0, 0.40, **{"activation.smooth_backward_in": "attack"}),
+            row("b1", "relu_smooth_backward", 1, 0.44, **{"activation.smooth_backward_in": "attack"}),
+            row("c0", "relu_smooth_backward", 0, 0.50, **{"activation.smooth_backward_in": "both"}),
+            StudyRow("f0", {**study_config("relu"), "width_mult": 1.0, "seed": 3}, "failed", None, None, None, 1)]
+    groups = seed_groups((row.params, {"robust_acc": row.robust_acc}) for row in rows)
+    assert [(group.label, group.seeds) for group in groups] == [
+        ("relu", (0, 1, 2, 3)), ("relu_smooth_backward(smooth_backward_in=attack)", (0, 1)),
+        ("relu_smooth_backward(smooth_backward_in=both)", (0,))]
+    assert groups[0].mean["robust_acc"] == pytest.approx(0.32) and groups[0].std["robust_acc"] == pytest.approx(0.02)
+    assert groups[2].std["robust_acc"] == 0.0
+    table = seed_groups_markdown(groups, {"robust_acc": "PGD robust acc"}).splitlines()
+    assert table[0] == "| Configuration | Seeds | PGD robust acc (%) |"
+    assert table[2] == "| relu | 4 | 32.0 ± 2.0 |" and table[3].endswith("| 2 | 42.0 ± 2.8 |")
+
+    written = write_reports(rows, tmp_path)
+    assert tmp_path / "seeds.md" in written  # failed trials take no part in the averages
+    assert "| relu | 3 |" in (tmp_path / "seeds.md").read_text()
+    assert tmp_path / "seeds.md" not in write_reports(rows[:1] + rows[3:4], tmp_path / "single")
+
+
 def test_pareto_front_keeps_only_non_dominated_results():
     rows = hand_made_rows()
     assert [row.trial_id for row in pareto_front(rows)] == ["t2", "t1", "t3"]
@@ -331,25 +357,26 @@ def test_reports_are_logged_on_the_parent_run_and_stored_in_s3(tracker: StudyTra
 
 
 # --- (d) the best trial's model ------------------------------------------------------------------------------------
-def test_best_model_is_logged_in_the_pytorch_flavour_and_loads_back(tracker: StudyTracker, mlflow_server: str,
-                                                                    mlflow_artifact_bucket: str, monkeypatch):
+def test_best_model_is_logged_in_a_safe_format_and_loads_back(tracker: StudyTracker, mlflow_server: str,
+                                                               mlflow_artifact_bucket: str):
     import boto3
-    import mlflow.pytorch
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Softplus(beta=10.0), nn.Flatten(), nn.Linear(4 * 6 * 6, 10)).eval()
+    model = build_model("resnet18", 10, activation="softplus", activation_params={"beta": 10.0}, width_mult=0.125,
+                        depth_mult=0.25, resolution=16).eval()
     parent = tracker.start_study("study-f")
     model_uri = tracker.log_best_model(parent, model, "best_model")
     assert model_uri == f"runs:/{parent}/best_model"
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)  # `runs:/` URIs resolve against it
-    loaded = mlflow.pytorch.load_model(model_uri).eval()
-    images = torch.rand(5, 3, 8, 8)
+    loaded = load_best_model(model_uri, mlflow_server)
+    assert loaded.spec == model.spec
+    images = torch.rand(5, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(loaded(images), model(images))
     stored = boto3.session.Session().client("s3").list_objects_v2(Bucket=mlflow_artifact_bucket,
                                                                  Prefix="mlartifacts/")
-    assert any(entry["Key"].endswith(f"/{parent}/artifacts/best_model/MLmodel") for entry in stored["Contents"])
+    keys = {entry["Key"].rsplit(f"/{parent}/artifacts/", 1)[-1] for entry in stored["Contents"]}
+    assert {"best_model/model.json", "best_model/weights.pt"} <= keys
 
 
 # --- (e) an unreachable or hanging server never blocks or crashes the study --------------------------------------

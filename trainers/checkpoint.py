@@ -4,9 +4,13 @@ with `torch.load(weights_only=True)`, so a checkpoint from elsewhere cannot run 
 A checkpoint directory holds `state.pt` (model, optimizer, scheduler, grad scaler, epoch; written by rank 0)
 and `rng_rank{R}.pt` (each rank's RNG states, so every rank resumes its own random stream). Files are written
 to a temporary name and renamed, so a process killed mid-write never leaves a truncated file behind.
+
+A finished model (`save_model`) is its description (`model.json`, a ModelConfig) and its weights
+(`weights.pt`, tensors only): `load_model` rebuilds it from the model registry, never from pickled code.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -15,7 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from trainers.errors import validated
+from trainers.faults import maybe_fault
+from trainers.models import ModelConfig, SATModel, build_model_from_config
+
 STATE_FILE = "state.pt"
+MODEL_CONFIG_FILE, MODEL_WEIGHTS_FILE = "model.json", "weights.pt"
 
 
 def rng_file(rank: int) -> str:
@@ -25,6 +34,7 @@ def rng_file(rank: int) -> str:
 def _atomic_save(value: Any, path: Path) -> None:
     partial = path.with_name(path.name + ".partial")
     torch.save(value, partial)
+    maybe_fault("checkpoint_write")
     os.replace(partial, path)
 
 
@@ -71,3 +81,24 @@ def load_rng_state(directory: Path, rank: int) -> dict[str, Any] | None:
     """This rank's RNG states, or None when the checkpoint came from a run with fewer ranks."""
     path = Path(directory) / rng_file(rank)
     return torch.load(path, weights_only=True) if path.is_file() else None
+
+
+def save_model(directory: Path, model: SATModel) -> None:
+    """Write `model` (built by `trainers.models`) as its description and its weights."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / MODEL_CONFIG_FILE).write_text(model.spec.model_dump_json(indent=2))
+    torch.save(model.state_dict(), directory / MODEL_WEIGHTS_FILE)
+
+
+def load_model(directory: Path, map_location: torch.device | str = "cpu") -> SATModel:
+    """The model `save_model` wrote, in eval mode: built from its validated description, weights read with the
+    safe unpickler (a weights file holding anything but tensors is refused)."""
+    directory = Path(directory)
+    config_path, weights_path = directory / MODEL_CONFIG_FILE, directory / MODEL_WEIGHTS_FILE
+    if not (config_path.is_file() and weights_path.is_file()):
+        raise FileNotFoundError(f"{directory} lacks {MODEL_CONFIG_FILE} or {MODEL_WEIGHTS_FILE}: not a saved "
+                                "satscale model")
+    model = build_model_from_config(validated(ModelConfig, json.loads(config_path.read_text())))
+    model.load_state_dict(torch.load(weights_path, map_location=map_location, weights_only=True))
+    return model.eval()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from trainers.checkpoint import (load_rng_state, load_training_state, restore_rn
                                  save_training_state)
 from trainers.data.loaders import build_loaders
 from trainers.errors import ConfigError
+from trainers.faults import maybe_fault
 from trainers.models import build_model_from_config
 from trainers.training import (all_reduce_sum, build_optimizer, build_scheduler, evaluate, optimize_for_device,
                                seed_everything, train_one_epoch)
@@ -48,6 +50,34 @@ class ShardRecorder:
         return {"samples_trained": int((counts > 0).sum()), "samples_repeated": int((counts > 1).sum())}
 
 
+# The loop config's key for the trial's start (unix seconds), stamped by `build_trainer` beside the TrialConfig
+# fields: per-trial overhead is measured from it.
+TRIAL_STARTED_AT_KEY = "trial_started_at"
+
+
+class StartupClock:
+    """Per-trial overhead: seconds from the trial's start to this worker's loop entry (Ray placing and starting
+    the worker group) and to its first training batch (plus loaders, FFCV's JIT, model). Wall-clock time, as
+    the start was stamped in another process."""
+
+    def __init__(self, trial_started_at: float | None) -> None:
+        self.trial_started_at = trial_started_at
+        self.worker_started_at = time.time()
+        self.first_batch_at: float | None = None
+
+    def wrap(self, loader):
+        for batch in loader:
+            if self.first_batch_at is None:
+                self.first_batch_at = time.time()
+            yield batch
+
+    def metrics(self) -> dict[str, float]:
+        if self.trial_started_at is None or self.first_batch_at is None:
+            return {}
+        return {"time_to_worker_start_s": self.worker_started_at - self.trial_started_at,
+                "time_to_first_batch_s": self.first_batch_at - self.trial_started_at}
+
+
 def parameters_digest(model: nn.Module) -> str:
     """sha256 of every parameter's bytes: equal on all ranks exactly when the replicas agree."""
     digest = hashlib.sha256()
@@ -65,7 +95,11 @@ def _all_ranks(value: Any) -> list[Any]:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
-    """Ray Train's per-worker function. `config` is `TrialConfig.model_dump(mode="json")`."""
+    """Ray Train's per-worker function. `config` is `TrialConfig.model_dump(mode="json")`, with the trial's
+    start time under `TRIAL_STARTED_AT_KEY` when `build_trainer` made it."""
+    config = dict(config)
+    startup = StartupClock(config.pop(TRIAL_STARTED_AT_KEY, None))
+    maybe_fault("worker_start")
     trial = TrialConfig.parse(config)
     train_config = trial.effective_train_config()
     rank = ray.train.get_context().get_world_rank()
@@ -98,6 +132,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             restore_rng_state(rng_state)
         else:  # resumed with more ranks than wrote the checkpoint
             seed_everything(train_config.seed + rank + 1000 * start_epoch)
+        startup.trial_started_at = None  # a resumed run's overhead would include the epochs before it stopped
 
     runnable = ray.train.torch.prepare_model(optimize_for_device(model, train_config))
     batch_summary = trial.batch_summary()
@@ -113,9 +148,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         resolution = loaders.train.resolution
         shards = ShardRecorder(loaders.train.manifest.num_samples)
         metrics = {"epoch": epoch, "resolution": resolution, **batch_summary,
-                   **train_one_epoch(runnable, shards.wrap(loaders.train), optimizer, scheduler, train_config,
-                                     device, scaler),
+                   **train_one_epoch(runnable, startup.wrap(shards.wrap(loaders.train)), optimizer, scheduler,
+                                     train_config, device, scaler),
                    **shards.summary(),
+                   **(startup.metrics() if epoch == start_epoch else {}),
                    **evaluate(runnable, loaders.eval, train_config.eval_attack, device,
                               train_config.autocast_dtype, train_config.max_eval_batches,
                               train_config.channels_last)}
@@ -128,6 +164,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             save_rng_state(Path(directory), rank)
             # Every rank reports (Train V2 treats report as a barrier); their directories are merged.
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
+        maybe_fault("checkpoint_reported")
     digests = _all_ranks(parameters_digest(model))
     return {"final_metrics": metrics, "replicas_in_sync": len(set(digests)) == 1, "world_size": len(digests)}
 
@@ -135,10 +172,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 def build_trainer(trial: TrialConfig, storage_path: str, name: str,
                   callbacks: Sequence[UserCallback] = ()) -> TorchTrainer:
     """A TorchTrainer for `trial`. Re-running a trainer with the same `name` and `storage_path` resumes.
-    `callbacks`: Ray Train callbacks (a Tune trial passes `TuneReportCallback()` to forward its reports)."""
+    `callbacks`: Ray Train callbacks (a Tune trial passes `TuneReportCallback()` to forward its reports).
+    The trial's overhead (`time_to_first_batch_s`, reported with the first epoch) is timed from this call."""
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=trial.model_dump(mode="json"),
+        train_loop_config={**trial.model_dump(mode="json"), TRIAL_STARTED_AT_KEY: time.time()},
         scaling_config=ScalingConfig(num_workers=trial.workers.num_workers, use_gpu=trial.workers.use_gpu,
                                      resources_per_worker=trial.workers.resources_per_worker()),
         run_config=RunConfig(

@@ -5,6 +5,7 @@ the keys accepted at that place.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar, get_args
 
@@ -13,6 +14,16 @@ from pydantic import BaseModel, ValidationError
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or out of range."""
+
+
+REDACTED = "<redacted>"
+# user:password@ (a password may hold unescaped slashes) or a bare token@ right after a URL's scheme.
+_URL_USER_INFO = re.compile(r"(?<=://)(?:[^/@\s:]*:[^@\s]*|[^/@\s:]+)@")
+
+
+def mask_url_credentials(text: str) -> str:
+    """`text` with the user info of every URL in it (`scheme://user:password@host`) masked."""
+    return _URL_USER_INFO.sub(f"{REDACTED}@", text)
 
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
@@ -52,7 +63,7 @@ def _describe(item: dict[str, Any], model: type[BaseModel], prefix: str) -> str:
         message = item["msg"]
     value = item.get("input")
     if not isinstance(value, (dict, list)):  # whole mappings would drown the message
-        message = f"{message} (got {value!r})"
+        message = f"{message} (got {mask_url_credentials(repr(value))})"
     return f"{path}: {message}" if path else message
 
 

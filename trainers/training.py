@@ -22,6 +22,7 @@ from torch import nn
 
 from trainers.activations import activation_phase
 from trainers.attacks import AttackConfig, PGDAttacker
+from trainers.faults import maybe_fault
 
 AMP_DTYPES: dict[str, torch.dtype | None] = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -182,6 +183,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
     model.train()
     for images, labels, *_ in loader:
         images, labels = to_device(images, labels, device, config.channels_last)
+        if attacker:
+            maybe_fault("attack")
         adv_images = attacker.perturb(unwrap_parallel(model), images, labels) if attacker else images
         with activation_phase("update"), _autocast(device, config.autocast_dtype):
             if weight in (0.0, 1.0):
@@ -198,6 +201,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
         with activation_phase("update"):
             scaler.scale(loss).backward()
         scaler.step(optimizer)
+        maybe_fault("optimizer_step")
         scaler.update()
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()

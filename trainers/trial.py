@@ -8,15 +8,19 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from trainers.data.errors import StagingError
 from trainers.data.loaders import LoaderConfig, ProgressiveResizing
-from trainers.errors import validated
+from trainers.data.s3 import S3Uri
+from trainers.errors import one_of, validated
 from trainers.models import ModelConfig
 from trainers.training import TrainConfig
 
 # LoaderConfig fields a trial sets itself (from the model, the batch arithmetic and the worker count).
 _DERIVED_LOADER_FIELDS = frozenset({"batch_size", "resolution", "distributed", "seed", "progressive"})
+# What each worker asks of its node's `accelerator_type:<name>` resource (Ray's ScalingConfig uses the same).
+ACCELERATOR_CONSTRAINT = 0.001
 
 
 class DataConfig(BaseModel):
@@ -29,6 +33,19 @@ class DataConfig(BaseModel):
     progressive: ProgressiveResizing | None = None
     # Any other LoaderConfig field (crops, flips, order, eval_resolution, cache_dir, ...).
     loader_options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("train_path", "eval_path")
+    @classmethod
+    def _local_or_s3(cls, path: str) -> str:
+        if path.lower().startswith("s3:"):
+            try:
+                S3Uri.parse(path)
+            except StagingError as error:
+                raise ValueError(str(error)) from None
+        elif "://" in path:
+            raise ValueError(f"scheme {path.partition('://')[0]!r} is not supported; accepted: a local .beton path "
+                             "or s3://BUCKET/KEY")
+        return path
 
     @model_validator(mode="after")
     def _known_loader_options(self) -> DataConfig:
@@ -48,11 +65,29 @@ class WorkersConfig(BaseModel):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(1.0, gt=0)
+    # Ray's name for the accelerator (`ray.util.accelerators`: A10G, A100, H100, ...): the workers go only to nodes
+    # that advertise it, which pins a trial to a node type (GPU nodes detect it; cluster/ node types declare it).
+    accelerator_type: str | None = None
+
+    @field_validator("accelerator_type")
+    @classmethod
+    def _known_accelerator(cls, accelerator_type: str | None) -> str | None:
+        if accelerator_type is None:
+            return None
+        import ray.util.accelerators.accelerators as ray_accelerators  # only when set: it imports Ray
+
+        names = {value for name, value in vars(ray_accelerators).items() if name.isupper() and isinstance(value, str)}
+        return one_of(accelerator_type, names, "accelerator type (Ray's names, case-sensitive)")
 
     def resources_per_worker(self) -> dict[str, float]:
+        """One worker's Ray resources (its placement-group bundle)."""
         resources = {"CPU": self.cpus_per_worker}
         if self.use_gpu:
             resources["GPU"] = self.gpus_per_worker
+        if self.accelerator_type:
+            # Ray's own constraint for ScalingConfig(accelerator_type=...): a sliver of the node's
+            # `accelerator_type:<name>` resource, so any number of workers fit beside it.
+            resources[f"accelerator_type:{self.accelerator_type}"] = ACCELERATOR_CONSTRAINT
         return resources
 
 
@@ -76,10 +111,10 @@ class TrialConfig(BaseModel):
     def _batch_divides(self) -> TrialConfig:
         if self.global_batch_size % self.workers.num_workers:
             raise ValueError(f"global_batch_size ({self.global_batch_size}) must be divisible by "
-                             f"workers.num_workers ({self.workers.num_workers})")
+                             f"workers.num_workers ({self.workers.num_workers}); change one of them")
         if self.data.progressive and self.data.progressive.min_res > self.resolution:
             raise ValueError(f"data.progressive.min_res ({self.data.progressive.min_res}) exceeds the model's "
-                             f"resolution ({self.resolution})")
+                             f"resolution ({self.resolution}); lower min_res to at most {self.resolution}")
         return self
 
     @classmethod

@@ -52,6 +52,16 @@ class AttackConfig(BaseModel):
     def _in_range(self) -> AttackConfig:
         if self.norm == "linf" and self.eps > 1:
             raise ValueError("linf eps is in pixel scale [0, 1] (e.g. 4/255); got more than 1")
+        if self.steps == 1 and self.eps > 0:
+            # One step is projected back onto the eps-ball: from the clean image anything past eps is wasted,
+            # and from a random start a step past 2 * eps lands every example on the same boundary point,
+            # which is plain FGSM again (the setting that overfits catastrophically).
+            limit, start = (2 * self.eps, "a random start") if self.random_start else (self.eps, "the clean image")
+            if self.step_size > limit:
+                raise ValueError(
+                    f"step_size ({self.step_size:g}) exceeds {'2 * ' if self.random_start else ''}eps ({limit:g}) "
+                    f"with steps=1 from {start}: the step is clipped back to the eps-ball; use step_size <= "
+                    f"{limit:g} (FGSM with random start: random_start: true, step_size 1.25 * eps), or more steps")
         return self
 
     @classmethod

@@ -18,19 +18,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.distributed
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import (CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder,
                                    ResizedCropRGBImageDecoder)
 from ffcv.loader import Loader, OrderOption
+from ffcv.reader import Reader
 from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToTensor, ToTorchImage
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from trainers.data.convert import IMAGE_FIELD, INDEX_FIELD, LABEL_FIELD, visible_cpu_count
 from trainers.data.errors import LoaderConfigError, ManifestError
 from trainers.data.manifest import Manifest, read_manifest, verify_file
-from trainers.data.s3 import is_s3_uri, stage_dataset
+from trainers.data.s3 import check_remote_dataset, is_s3_uri, stage_dataset
 
 TrainCrop = Literal["random_resized_crop", "resize"]
 EvalCrop = Literal["center_crop", "resize"]
@@ -192,14 +194,38 @@ def open_dataset(path: str | Path, cache_dir: Path | None = None) -> tuple[Path,
         staged = stage_dataset(str(path), cache_dir)
         return staged.path, staged.manifest
     local = Path(path)
+    return local, _local_manifest(local, check_sha256=False)
+
+
+def _local_manifest(local: Path, *, check_sha256: bool) -> Manifest:
     if not local.is_file():
         raise ManifestError(f"dataset {local} does not exist; write it with satscale-convert or fix the path")
     manifest = read_manifest(local)
-    verify_file(local, manifest, check_sha256=False)
+    verify_file(local, manifest, check_sha256=check_sha256)
     missing = {IMAGE_FIELD, LABEL_FIELD, INDEX_FIELD} - set(manifest.fields)
     if missing:
         raise ManifestError(f"{local} lacks fields {sorted(missing)}; re-convert it with satscale-convert")
-    return local, manifest
+    return manifest
+
+
+def check_dataset(path: str | Path) -> Manifest:
+    """A dataset checked before a study starts, writing nothing (no download, no cache): a local .beton in full
+    (manifest, size, sha256, every label within the manifest's classes); an s3:// object's manifest and size
+    (its sha256 is checked when a node stages it)."""
+    if is_s3_uri(path):
+        return check_remote_dataset(str(path))
+    local = Path(path)
+    manifest = _local_manifest(local, check_sha256=True)
+    reader = Reader(str(local))
+    # IntField values live in the file's metadata table: reading the labels decodes no image.
+    labels = reader.metadata[f"f{reader.field_names.index(LABEL_FIELD)}"]
+    out_of_range = np.flatnonzero((labels < 0) | (labels >= manifest.num_classes))
+    if out_of_range.size:
+        first = int(out_of_range[0])
+        raise ManifestError(f"{local}: {out_of_range.size} labels are outside [0, {manifest.num_classes}) for the "
+                            f"manifest's {manifest.num_classes} classes, e.g. sample {first} has label "
+                            f"{int(labels[first])}; re-convert the data set with satscale-convert")
+    return manifest
 
 
 def _check_process(config: LoaderConfig) -> None:

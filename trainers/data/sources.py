@@ -73,9 +73,9 @@ def _find_idx_file(root: Path, stem: str) -> Path:
 
 
 def _read_idx_array(path: Path) -> np.ndarray:
-    opener: Callable[[Path], BinaryIO] = gzip.open if path.suffix == ".gz" else open  # type: ignore[assignment]
+    opener: Callable[..., BinaryIO] = gzip.open if path.suffix == ".gz" else open  # type: ignore[assignment]
     try:
-        with opener(path) as stream:
+        with opener(path, "rb") as stream:
             raw = stream.read()
     except (OSError, EOFError) as exc:
         raise SourceError(f"idx: cannot read {path}: {exc}") from exc

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from torch import nn
 
-from trainers.activations import activation_factory
+from trainers.activations import activation_factory, activation_params, build_activation
 from trainers.errors import ConfigError, one_of, validated
 from trainers.models.cost import ModelCost, count_cost
 from trainers.models.efficientnet import EFFICIENTNET_SCALES, EfficientNet, EfficientNetScale, compound_scaling
@@ -26,6 +26,7 @@ from trainers.models.resnet import RESNET_LAYOUTS, ResNet
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+MIN_RESOLUTION, MAX_RESOLUTION = 8, 2048  # input side lengths in pixels a model may be built for
 # Below this input size the ImageNet stem's /4 downsampling throws away most of the image.
 CIFAR_STEM_MAX_RESOLUTION = 64
 
@@ -57,7 +58,7 @@ class ModelConfig(BaseModel):
     width_mult: float = Field(1.0, gt=0, le=16)
     depth_mult: float = Field(1.0, gt=0, le=16)
     compound_phi: float = Field(0.0, ge=-4, le=12)
-    resolution: int | None = Field(None, ge=8, le=2048)
+    resolution: int | None = Field(None, ge=MIN_RESOLUTION, le=MAX_RESOLUTION)
     in_chans: int = Field(3, ge=1)
     stem: Literal["cifar", "imagenet"] | None = None
     dropout: float | None = Field(None, ge=0, lt=1)
@@ -70,6 +71,23 @@ class ModelConfig(BaseModel):
     def _known_arch(cls, arch: str) -> str:
         return one_of(arch, ARCHS, "arch")
 
+    @field_validator("activation")
+    @classmethod
+    def _known_activation(cls, activation: str) -> str:
+        activation_params(activation)  # ConfigError (a ValueError) naming the valid activations
+        return activation
+
+    @field_validator("activation_params")
+    @classmethod
+    def _params_fit_activation(cls, params: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        # Checked here, not only when the model is built, so a study rejects e.g. relu with a beta up front.
+        if "activation" in info.data:  # else the activation itself was rejected
+            try:
+                build_activation(info.data["activation"], **params)
+            except TypeError as error:  # a value of the wrong type, e.g. a string beta
+                raise ValueError(f"activation {info.data['activation']!r}: {error}") from None
+        return params
+
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:
         if self.stem is not None and ARCHS[self.arch].family != "resnet":
@@ -80,6 +98,10 @@ class ModelConfig(BaseModel):
                 raise ValueError(f"{name} needs {self.in_chans} values (one per input channel)")
         if self.input_std is not None and min(self.input_std) <= 0:
             raise ValueError("input_std values must be positive")
+        resolution = self.scale.resolution
+        if not MIN_RESOLUTION <= resolution <= MAX_RESOLUTION:
+            raise ValueError(f"compound_phi {self.compound_phi:g} scales {self.arch}'s resolution to {resolution} px, "
+                             f"outside [{MIN_RESOLUTION}, {MAX_RESOLUTION}]; lower compound_phi or set resolution")
         return self
 
     def resolved(self) -> ModelConfig:

@@ -17,6 +17,10 @@ from trainers.models.layers import ConvBNAct, round_channels
 ActFactory = Callable[[], nn.Module]
 
 ALPHA, BETA, GAMMA = 1.2, 1.1, 1.15
+# Scaling rules with the same FLOPs growth (alpha * beta**2 * gamma**2 = 2 per unit of phi): EfficientNet's
+# compound rule, and each dimension alone (EfficientNet's Figure 3 comparison), as (alpha, beta, gamma).
+COMPOUND_RULES = {"efficientnet": (ALPHA, BETA, GAMMA), "depth": (2.0, 1.0, 1.0), "width": (1.0, 2 ** 0.5, 1.0),
+                  "resolution": (1.0, 1.0, 2 ** 0.5)}
 BASE_RESOLUTION = 224
 
 

@@ -1,0 +1,201 @@
+"""What a study checks before it starts: everything a bad input could break, checked while nothing is written yet.
+
+`check_study_inputs` runs before the MLflow parent run is created and before anything goes to storage or into
+the data cache: the storage location, `--resume` against what storage holds, the data (its files, or the
+sources a `dataset` block converts), and whether the cluster can ever place a trial's worker group. Every
+problem is a ConfigError naming the setting at fault and the fix.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pyarrow
+import pyarrow.fs
+import ray
+from ray import tune
+
+from search_spaces.study import Conversion, StudyConfig
+from trainers.data.errors import DataError
+from trainers.data.loaders import check_dataset
+from trainers.data.manifest import read_manifest, verify_file
+from trainers.data.sources import read_source
+from trainers.errors import ConfigError, mask_url_credentials
+from trainers.trial import TrialConfig, WorkersConfig
+
+# Storage Ray Tune/Train can write to (through pyarrow) besides a local folder.
+REMOTE_STORAGE_SCHEMES = ("s3", "gs")
+_STORAGE_HINT = "accepted: a local folder, s3://BUCKET/PREFIX or gs://BUCKET/PREFIX"
+
+
+def experiment_path(storage_path: str, study: StudyConfig) -> str:
+    return f"{storage_path.rstrip('/')}/{study.name}"
+
+
+def check_study_inputs(study: StudyConfig, storage_path: str, resume: bool) -> None:
+    """Everything below, in order; the cluster check needs a connected Ray."""
+    check_storage(storage_path)
+    restorable(study, storage_path, resume)
+    check_data(study)
+    check_cluster_capacity(TrialConfig.parse(study.base_values()).workers)
+
+
+# ------------------------------------------------------------------------------------------------ storage
+
+def _first_line(error: BaseException) -> str:
+    return next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+
+
+def check_storage(storage_path: str) -> None:
+    """A local folder (its nearest existing parent must be a writable folder; nothing is created here), or a
+    bucket that exists, reached with the standard cloud credentials, never ones written into the URI."""
+    label = f"storage {mask_url_credentials(storage_path)!r} (--storage)"
+    if "://" not in storage_path:
+        existing = next(path for path in (Path(storage_path), *Path(storage_path).parents) if path.exists())
+        if not existing.is_dir():
+            raise ConfigError(f"{label}: {existing} is a file, not a folder; choose another --storage")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"{label}: {existing} is not writable; choose a folder you can write to")
+        return
+    parts = urlsplit(storage_path)
+    if mask_url_credentials(storage_path) != storage_path:
+        raise ConfigError(f"{label}: the URI carries credentials; remove them (cloud credentials come from the "
+                          "environment: AWS_PROFILE, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, instance roles)")
+    if parts.scheme == "file":
+        return check_storage(parts.path)
+    if parts.scheme not in REMOTE_STORAGE_SCHEMES:
+        raise ConfigError(f"{label}: scheme {parts.scheme!r} is not supported; {_STORAGE_HINT}")
+    if not parts.netloc:
+        raise ConfigError(f"{label}: no bucket; {_STORAGE_HINT}")
+    try:
+        filesystem, _ = pyarrow.fs.FileSystem.from_uri(storage_path)
+        bucket = filesystem.get_file_info(parts.netloc)
+    except (pyarrow.ArrowException, OSError) as error:
+        raise ConfigError(f"{label}: cannot be reached: {_first_line(error)}; check the bucket name, endpoint "
+                          "(AWS_ENDPOINT_URL) and credentials") from None
+    if bucket.type == pyarrow.fs.FileType.NotFound:
+        raise ConfigError(f"{label}: bucket {parts.netloc!r} does not exist at the configured endpoint; create it "
+                          "or fix the bucket name")
+
+
+def restorable(study: StudyConfig, storage_path: str, resume: bool) -> bool:
+    """Whether the study continues an interrupted Tune experiment: exactly when `resume` is set, else a
+    ConfigError (a study never silently overwrites or restarts another's results)."""
+    path = experiment_path(storage_path, study)
+    if tune.Tuner.can_restore(path):
+        if not resume:
+            raise ConfigError(f"study {study.name!r} already has results in {path}; continue it with --resume, "
+                              "or give this run another name (--set name=...) or --storage")
+        return True
+    if resume:
+        raise ConfigError(f"--resume: nothing to resume in {path}; run without --resume to start the study")
+    return False
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+def pending_conversions(study: StudyConfig) -> list[Conversion]:
+    """The dataset block's conversions whose .beton is missing or does not match its manifest."""
+    pending = []
+    for conversion in study.dataset.conversions() if study.dataset else ():
+        path = Path(conversion.path)
+        try:
+            verify_file(path, read_manifest(path), check_sha256=False)
+        except (DataError, OSError):  # missing, partial or stale: convert (again)
+            pending.append(conversion)
+    return pending
+
+
+def _classes_match_model(study: StudyConfig, classes: Mapping[str, int]) -> None:
+    """`classes`: where the data comes from -> how many classes it has."""
+    num_classes = TrialConfig.parse(study.base_values()).model.num_classes
+    for origin, count in classes.items():
+        if count != num_classes:
+            raise ConfigError(f"base.model.num_classes is {num_classes} but {origin} has {count} classes; set "
+                              f"model.num_classes: {count}")
+
+
+def check_data(study: StudyConfig) -> None:
+    """A dataset block: every source still to convert is read and checked (no file is written until every one
+    is good). Otherwise `base.data`'s files: their manifests, sizes, checksums and labels (S3: manifest and
+    size). Either way the classes must agree with each other and with the model."""
+    if study.dataset:
+        pending = pending_conversions(study)
+        fields = ("input_dir", "eval_input_dir" if study.dataset.eval_input_dir else "input_dir")
+        classes = {}
+        for conversion, field in zip(study.dataset.conversions(), fields):
+            origin = f"dataset {conversion.source}:{conversion.split}"
+            if conversion not in pending:
+                classes[origin] = read_manifest(Path(conversion.path)).num_classes
+                continue
+            try:
+                source = read_source(conversion.source, Path(conversion.input_dir) if conversion.input_dir else None,
+                                     conversion.split)
+            except DataError as error:
+                raise ConfigError(f"dataset.{field}: {error}") from None
+            classes[origin] = len(source.class_names)
+        _classes_match_model(study, classes)
+        return
+    data = TrialConfig.parse(study.base_values()).data
+    manifests = {}
+    for field in ("train_path", "eval_path"):
+        path = getattr(data, field)
+        try:
+            manifests[path] = check_dataset(path)
+        except DataError as error:
+            raise ConfigError(f"base.data.{field}: {error}") from None
+    train, evaluation = manifests[data.train_path], manifests[data.eval_path]
+    if train.class_names != evaluation.class_names:
+        raise ConfigError(f"base.data: {data.train_path} and {data.eval_path} name different classes "
+                          f"({train.num_classes} vs {evaluation.num_classes}); convert both splits from the same source")
+    _classes_match_model(study, {path: manifest.num_classes for path, manifest in manifests.items()})
+
+
+# ------------------------------------------------------------------------------------------------ cluster
+
+def cluster_capacity() -> tuple[dict[str, float], list[dict[str, float]], bool]:
+    """(total resources, one resource dict per node shape, whether an autoscaler sets them) at the cluster's
+    largest: with an autoscaler, what its node types reach at their max counts (a cluster that starts with no
+    GPU node may still get some); without, the nodes there now."""
+    nodes = [dict(node["Resources"]) for node in ray.nodes() if node["Alive"]]
+    totals = dict(ray.cluster_resources())
+    # Ray Train reads the autoscaler's limits the same way before placing a worker group.
+    config = ray._private.state.state.get_cluster_config()
+    autoscaling = bool(config and config.node_group_configs)
+    if autoscaling:
+        nodes += [dict(group.resources) for group in config.node_group_configs if group.max_count != 0]
+        limits = ray._private.state.state.get_max_resources_from_cluster_config() or {}
+        totals = {name: max(totals.get(name, 0), limits.get(name, 0)) for name in {*totals, *limits}}
+    return totals, nodes, autoscaling
+
+
+def _format(resources: Mapping[str, float]) -> str:
+    return ", ".join(f"{amount:g} {name}" for name, amount in sorted(resources.items())) or "nothing"
+
+
+def check_cluster_capacity(workers: WorkersConfig) -> None:
+    """A trial's worker group must fit the cluster at its largest: each worker on one node, all of them in
+    total. Otherwise the trial would wait for resources forever."""
+    totals, nodes, autoscaling = cluster_capacity()
+    where = ("(at its largest: the autoscaler's node types at their max counts)" if autoscaling
+             else "(no autoscaler: the nodes there now)")
+    per_worker = workers.resources_per_worker()
+    if workers.use_gpu and not totals.get("GPU"):
+        raise ConfigError(f"workers.use_gpu is true but the cluster has no GPU {where}; set workers.use_gpu: false "
+                          "or run on a cluster with GPU nodes")
+    fitting = [node for node in nodes if all(node.get(name, 0) >= need for name, need in per_worker.items())]
+    if not fitting:
+        largest = {name: max(node.get(name, 0) for node in nodes) for name in per_worker}
+        raise ConfigError(f"workers: each worker needs {_format(per_worker)} on one node, but the largest node "
+                          f"offers {_format(largest)} {where}; lower workers.cpus_per_worker"
+                          + (" or workers.gpus_per_worker" if workers.use_gpu else ""))
+    needed = {name: need * workers.num_workers for name, need in per_worker.items()}
+    short = {name: need for name, need in needed.items() if need > totals.get(name, 0)}
+    if short:
+        available = {name: totals.get(name, 0) for name in short}
+        raise ConfigError(f"workers.num_workers: {workers.num_workers} workers x {_format(per_worker)} need "
+                          f"{_format(short)}, but the cluster has {_format(available)} {where}; lower "
+                          "workers.num_workers (keeping global_batch_size divisible by it) or "
+                          "workers.cpus_per_worker, or use a larger cluster")
