@@ -163,22 +163,28 @@ def machine(device: str) -> dict:
             "load_average_at_end": [round(value, 1) for value in os.getloadavg()]}
 
 
-def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_arguments(parser: argparse.ArgumentParser, depth_mult: float, batch_size: int) -> None:
+    """The model and device settings the AT benchmarks share: --device, --arch, --width-mult, --depth-mult,
+    --batch-size, --amp, --channels-last, --compile, --threads."""
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--width-mult", type=float, default=0.25)
-    parser.add_argument("--depth-mult", type=float, default=1.0)
-    parser.add_argument("--resolution", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=5, help="timed rounds (one step per configuration each)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds (compilation with --compile)")
+    parser.add_argument("--depth-mult", type=float, default=depth_mult)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
     parser.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: torch's, one per core); on a loaded machine 2 "
-                             "OpenMP threads on 2 shared cores can be several times slower than 1")
+                        help="torch intra-op threads for the AT passes (default: torch's, one per core); on a "
+                             "loaded machine 2 OpenMP threads on 2 shared cores can be several times slower than 1")
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser, depth_mult=1.0, batch_size=64)
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=5, help="timed rounds (one step per configuration each)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds (compilation with --compile)")
     parser.add_argument("--attack-steps", type=int, nargs="+", default=[0, 1, 2, 5, 10])
     parser.add_argument("--activations", nargs="+", default=["relu", "silu", "gelu", "softplus"])
     return parser

@@ -32,7 +32,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from trainers.data.convert import WriteOptions, convert, visible_cpu_count
-from trainers.data.loaders import LoaderConfig, build_train_loader
+from trainers.data.loader_config import LoaderConfig
+from trainers.data.loaders import build_train_loader
 from trainers.data.sources import read_source
 
 RESULTS = Path(__file__).parent / "results" / "loader_throughput.json"

@@ -29,10 +29,11 @@ from pathlib import Path
 
 import torch
 
-from at_step_time import machine, pgd, seeded_model, synchronize, train_config
+from at_step_time import add_model_arguments, machine, pgd, seeded_model, synchronize, train_config
 from loader_throughput import images_per_second
 from trainers.data.convert import WriteOptions, convert, visible_cpu_count
-from trainers.data.loaders import LoaderConfig, build_train_loader
+from trainers.data.loader_config import LoaderConfig
+from trainers.data.loaders import build_train_loader
 from trainers.training import build_optimizer, build_scheduler, optimize_for_device, train_one_epoch
 
 RESULTS = Path(__file__).parent / "results" / "loader_vs_at.json"
@@ -76,22 +77,13 @@ def measure_resolution(beton: Path, resolution: int, attack_steps: int, args: ar
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_model_arguments(parser, depth_mult=0.5, batch_size=128)
     parser.add_argument("--samples", type=int, default=2048, help="Fashion-MNIST training images in the .beton")
     parser.add_argument("--resolutions", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--attack-steps", type=int, nargs="+", default=[1])
     parser.add_argument("--activation", default="silu")
-    parser.add_argument("--arch", default="resnet18")
-    parser.add_argument("--width-mult", type=float, default=0.25)
-    parser.add_argument("--depth-mult", type=float, default=0.5)
-    parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--loader-epochs", type=int, default=2, help="timed loader-alone epochs")
     parser.add_argument("--repeats", type=int, default=2, help="timed AT epochs each, fed and from memory")
-    parser.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off")
-    parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads for the AT passes (default: one per visible core)")
     return parser.parse_args()
 
 

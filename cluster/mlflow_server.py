@@ -58,9 +58,10 @@ def restore(db: Path, uri: str) -> bool:
     return True
 
 
-def _serving(port: int) -> bool:
+def healthy(url: str) -> bool:
+    """Whether the MLflow server at `url` answers its health check."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
             return response.status == 200
     except OSError:
         return False
@@ -69,7 +70,7 @@ def _serving(port: int) -> bool:
 def serve(db: Path, backup_uri: str, artifacts: str, port: int, period_s: float = BACKUP_PERIOD_S) -> int:
     """Restore, run `mlflow server`, back up every `period_s` and when stopped. A second start on a head that
     already serves (a repeated `ray up`) leaves the running server alone."""
-    if _serving(port):
+    if healthy(f"http://127.0.0.1:{port}"):
         print(f"an MLflow server already answers on port {port}", flush=True)
         return 0
     if restore(db, backup_uri):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # run as a script: see scale_study.py
 
+from orchestrator.scale_study import add_study_arguments, storage_uri  # noqa: E402
 from trainers.errors import ConfigError  # noqa: E402
 
 EXAMPLES = """\
@@ -27,14 +28,7 @@ examples:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="evaluate_study.py", description=__doc__, epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="default", metavar="FILE_OR_PRESET",
-                        help="the study's YAML file or preset name, as given to scale_study.py")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="the study's overrides, as given to scale_study.py (the study name must match)")
-    parser.add_argument("--storage", default="satscale_runs", metavar="DIR_OR_S3",
-                        help="the study's --storage (default: ./satscale_runs)")
-    parser.add_argument("--mlflow-uri", default=None,
-                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    add_study_arguments(parser)  # as given to scale_study.py for the study
     parser.add_argument("--pgd-steps", type=_positive_int, default=50, help="PGD steps (default: 50)")
     parser.add_argument("--restarts", type=_positive_int, default=2, help="PGD random restarts (default: 2)")
     parser.add_argument("--step-size", type=float, default=None,
@@ -87,7 +81,8 @@ def eval_images(eval_path: str, loader_json: str, max_images: int):
     them (same resolution and crop)."""
     import torch
 
-    from trainers.data.loaders import LoaderConfig, build_eval_loader
+    from trainers.data.loader_config import LoaderConfig
+    from trainers.data.loaders import build_eval_loader
     from trainers.training import to_device
 
     threads = torch.get_num_threads()
@@ -172,7 +167,6 @@ def run(args: argparse.Namespace) -> Path:
 
     from orchestrator.reports import seed_groups
     from orchestrator.runner import experiment_path, load_trial_model
-    from orchestrator.scale_study import storage_uri
     from orchestrator.tracking import resolve_tracking_uri
     from search_spaces.space import trial_params
     from search_spaces.study import load_study

@@ -3,9 +3,9 @@
 study config -> search space (`search_spaces`) -> trial config -> Ray Train loop (`trainers.distributed`)
 -> per-epoch reports + checkpoints -> Tune (ASHA / Optuna) -> MLflow (`orchestrator.tracking`) -> reports.
 
-Each Tune trial is a small function trainable that drives one `TorchTrainer` (the Tune + Train pattern of
-Ray 2.60's Train V2): its Train run is named after the trial id, so a restored Tune study resumes each
-unfinished trial from its last Train checkpoint.
+Each Tune trial is a small function trainable (`orchestrator.trial_driver.run_trial`) that drives one
+`TorchTrainer` (the Tune + Train pattern of Ray 2.60's Train V2): its Train run is named after the trial id, so
+a restored Tune study resumes each unfinished trial from its last Train checkpoint.
 """
 from __future__ import annotations
 
@@ -21,21 +21,20 @@ from typing import Any
 import pyarrow.fs
 from ray import tune
 from ray.train import Checkpoint
-from ray.train.v2.api.exceptions import TrainingFailedError
 from ray.tune.execution import class_cache
-from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from cluster import TRIAL_DRIVER_RESOURCE
 from orchestrator.preflight import (check_study_inputs, cluster_capacity, experiment_path, pending_conversions,
                                    restorable)
 from orchestrator.reports import StudyRow, leaderboard, leaderboard_markdown, write_reports
-from orchestrator.tracking import MLflowStudyCallback, StudyTracker, study_rows
+from orchestrator.tracking import MLflowStudyCallback, StudyTracker, is_permanent, study_rows
+from orchestrator.trial_driver import run_trial
 from search_spaces.space import optuna_space, param_space, trial_config, trial_params
 from search_spaces.study import StudyConfig
 from trainers.checkpoint import load_training_state
 from trainers.data.convert import convert
-from trainers.distributed import build_trainer
 from trainers.models import ModelConfig, build_model_from_config
 from trainers.trial import TrialConfig
 
@@ -55,10 +54,6 @@ def _keep_credentials_out_of_trial_runtime_envs() -> None:
     class_cache.ENV_VARS_TO_PROPAGATE = frozenset(class_cache.ENV_VARS_TO_PROPAGATE) - CREDENTIAL_VARIABLES
 
 
-class TrialFailedError(RuntimeError):
-    """A trial's Ray Train run failed; the message is the worker's error, not Ray's wrapper."""
-
-
 @dataclass(frozen=True)
 class StudyOutcome:
     rows: list[StudyRow]
@@ -75,31 +70,6 @@ def prepare_datasets(study: StudyConfig) -> None:
         convert(conversion.source, Path(conversion.path),
                 input_dir=Path(conversion.input_dir) if conversion.input_dir else None, split=conversion.split,
                 limit=conversion.limit)
-
-
-def run_trial(config: dict[str, Any], study_values: dict[str, Any], storage_path: str) -> None:
-    """Tune function trainable: one trial as a Ray Train job whose reports flow back to Tune."""
-    study = StudyConfig.parse(study_values)
-    trial = trial_config(study, config)
-    name = f"{study.name}-train-{tune.get_context().get_trial_id()}"
-    try:
-        build_trainer(trial, storage_path, name, callbacks=[TuneReportCallback()]).fit()
-    except TrainingFailedError as error:
-        raise TrialFailedError(_root_cause(error)) from None
-
-
-def _root_cause(error: BaseException) -> str:
-    """The failing worker's own exception, type and first line (Ray wraps it: a WorkerGroupError holding each
-    rank's failure, each a RayTaskError whose `cause` is the user's exception)."""
-    prefix = ""
-    worker_failures = getattr(error, "worker_failures", None)
-    if worker_failures:
-        rank, error = min(worker_failures.items(), key=lambda item: item[0])
-        prefix = f"rank {rank}: "
-    while (cause := getattr(error, "cause", None) or error.__cause__) is not None:
-        error = cause
-    message = str(error).strip().splitlines()
-    return f"{prefix}{type(error).__name__}: {message[0] if message else ''}"
 
 
 def trial_driver_resources(capacity: Mapping[str, float]) -> dict[str, float]:
@@ -220,6 +190,20 @@ def load_trial_model(checkpoint_path: str, storage_path: str) -> TrainedTrial:
 EXPERIMENT_STATE_PERIOD_S = "1"
 
 
+class TrackingUnavailableError(RuntimeError):
+    """Every trial ended, but MLflow could not take the study's last records (reports, best model, the parent
+    run's end) within the tracker's bounded retries. Nothing is lost: the Tune results hold every epoch, and
+    `--resume` logs what is missing once MLflow is back."""
+
+    def __init__(self, rows: list[StudyRow], tracking_uri: str, error: Exception, results_path: str) -> None:
+        self.rows = rows
+        reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        super().__init__(
+            f"the study's {len(rows)} trial(s) ended, but MLflow at {tracking_uri} is unreachable ({reason}): its "
+            f"reports, best model and end were not logged. Every trial's results are in {results_path}; when "
+            "MLflow is back, run the same command with --resume to log them (no trial runs again)")
+
+
 def run_study(study: StudyConfig, storage_path: str, tracking_uri: str, resume: bool = False) -> StudyOutcome:
     """Run (or with `resume`, continue) `study` on the connected Ray cluster; returns its report rows."""
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", EXPERIMENT_STATE_PERIOD_S)
@@ -235,15 +219,25 @@ def run_study(study: StudyConfig, storage_path: str, tracking_uri: str, resume: 
     results = tuner.fit()
     rows = study_rows(results, params, cost, study.max_epochs())
     callback.flush(force=True)
-    best_model_uri = None
+    try:
+        best_model_uri = _log_study_end(tracker, parent_run_id, rows, results, storage_path)
+    except Exception as error:
+        if is_permanent(error):
+            raise
+        raise TrackingUnavailableError(rows, tracking_uri, error, experiment_path(storage_path, study)) from None
+    return StudyOutcome(rows, parent_run_id, experiment_path(storage_path, study), best_model_uri)
+
+
+def _log_study_end(tracker: StudyTracker, parent_run_id: str, rows: list[StudyRow], results, storage_path: str
+                   ) -> str | None:
+    """Reports and the best model to the parent run, which then ends; returns the best model's URI."""
     with tempfile.TemporaryDirectory(prefix="satscale-reports-") as directory:
         write_reports(rows, Path(directory))
         tracker.log_reports(parent_run_id, Path(directory))
     model = _best_model(rows, results, storage_path)
-    if model is not None:
-        best_model_uri = tracker.log_best_model(parent_run_id, model)
+    best_model_uri = tracker.log_best_model(parent_run_id, model) if model is not None else None
     tracker.finish_study(parent_run_id)
-    return StudyOutcome(rows, parent_run_id, experiment_path(storage_path, study), best_model_uri)
+    return best_model_uri
 
 
 def _study_summary(study: StudyConfig) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -30,9 +31,9 @@ S3 endpoint and credentials come from the standard AWS environment (AWS_ENDPOINT
 """
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="scale_study.py", description=__doc__, epilog=EXAMPLES,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_study_arguments(parser: argparse.ArgumentParser) -> None:
+    """--config, --set, --storage and --mlflow-uri: what names a study and where its results live, the same for
+    every script that runs or reads one."""
     parser.add_argument("--config", default="default", metavar="FILE_OR_PRESET",
                         help="study YAML file or preset name (default: the embedded default)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -42,6 +43,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(default: ./satscale_runs)")
     parser.add_argument("--mlflow-uri", default=None,
                         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="scale_study.py", description=__doc__, epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_study_arguments(parser)
     parser.add_argument("--resume", action="store_true", help="continue the interrupted study of this name")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved space and trial count; run nothing")
     parser.add_argument("--bind-all", action="store_true",
@@ -75,6 +82,12 @@ def local_ray_settings(bind_all: bool) -> None:
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((LOOPBACK, 0))
+        return probe.getsockname()[1]
+
+
 def connect_ray(bind_all: bool) -> None:
     """Join the cluster RAY_ADDRESS names, else start a local Ray (after `local_ray_settings`)."""
     import ray
@@ -85,7 +98,14 @@ def connect_ray(bind_all: bool) -> None:
     if address:
         ray.init(address=address, configure_logging=False)
         return
-    ray.init(configure_logging=False, dashboard_host="0.0.0.0" if bind_all else LOOPBACK)
+    dashboard_port = _free_port()
+    # Ray's State API, which Ray Train's PlacementGroupCleaner calls from inside the cluster, looks for "the" local
+    # Ray when no address is set and fails where several run on one machine ("Found multiple active Ray
+    # instances"): finished trials' placement groups then stay and the study waits forever. Name ours; every
+    # process this Ray starts inherits the variable.
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://{LOOPBACK}:{dashboard_port}"
+    ray.init(configure_logging=False, dashboard_host="0.0.0.0" if bind_all else LOOPBACK,
+             dashboard_port=dashboard_port)
     node_address = ray.util.get_node_ip_address()
     if not bind_all and node_address != LOOPBACK:  # `ray` was imported before local_ray_settings ran
         ray.shutdown()
@@ -105,12 +125,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print(describe_space(study))
             return 0
-        from orchestrator.runner import format_outcome, run_study
+        from orchestrator.runner import TrackingUnavailableError, format_outcome, run_study
+        from orchestrator.reports import leaderboard_markdown
         from orchestrator.tracking import resolve_tracking_uri
 
         tracking_uri = resolve_tracking_uri(args.mlflow_uri)
         connect_ray(args.bind_all)
-        outcome = run_study(study, storage_uri(args.storage), tracking_uri, resume=args.resume)
+        try:
+            outcome = run_study(study, storage_uri(args.storage), tracking_uri, resume=args.resume)
+        except TrackingUnavailableError as error:
+            print(leaderboard_markdown(error.rows))
+            print(f"scale_study: {error}", file=sys.stderr)
+            return 1
     except ConfigError as error:
         print(f"scale_study: {error}", file=sys.stderr)
         return 2

@@ -304,7 +304,7 @@ def load_best_model(model_uri: str, tracking_uri: str) -> SATModel:
         return load_model(Path(directory))
 
 
-def _is_permanent(error: Exception) -> bool:
+def is_permanent(error: Exception) -> bool:
     """Errors a retry cannot fix: MLflow's client errors (4xx: a bad value, a missing run) and bugs.
     Unreachable servers, timeouts and server errors are worth retrying later."""
     if isinstance(error, MlflowException):
@@ -435,7 +435,7 @@ class MLflowStudyCallback(Callback):
             try:
                 call()
             except Exception as error:
-                if not _is_permanent(error):
+                if not is_permanent(error):
                     self._retry_after = time.monotonic() + self._retry_interval_s
                     logger.warning("MLflow unavailable (%s); %d call(s) queued for later", _first_line(str(error)),
                                    len(self._pending))

@@ -12,8 +12,8 @@ from ffcv.transforms import NormalizeImage
 from pydantic import ValidationError
 
 from trainers.data.errors import LoaderConfigError, ManifestError
-from trainers.data.loaders import (LoaderConfig, ProgressiveResizing, build_eval_loader, build_loaders,
-                                   build_train_loader, resolution_for_epoch)
+from trainers.data.loader_config import LoaderConfig, ProgressiveResizing, resolution_for_epoch
+from trainers.data.loaders import build_eval_loader, build_loaders, build_train_loader
 from trainers.data.manifest import manifest_path, read_manifest, write_manifest
 from trainers.data.s3 import upload_dataset
 from trainers.errors import ConfigError

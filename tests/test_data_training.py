@@ -6,7 +6,8 @@ import math
 import pytest
 
 from trainers.attacks import AttackConfig
-from trainers.data.loaders import LoaderConfig, ProgressiveResizing, build_loaders
+from trainers.data.loader_config import LoaderConfig, ProgressiveResizing
+from trainers.data.loaders import build_loaders
 from trainers.models import build_model
 from trainers.training import OptimizerConfig, TrainConfig, fit
 

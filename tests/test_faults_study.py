@@ -19,7 +19,7 @@ import pytest
 import ray
 from mlflow import MlflowClient
 
-from orchestrator.runner import run_study
+from orchestrator.runner import TrackingUnavailableError, run_study
 from search_spaces.study import StudyConfig
 from trainers.checkpoint import STATE_FILE, load_training_state, rng_file
 from trainers.faults import FAULT_PLAN_VARIABLE, FaultPlan, Kill, fired_kills
@@ -217,6 +217,49 @@ def test_mlflow_unreachable_mid_study_delays_metrics_but_loses_none(ray_cluster,
     assert parent.info.status == "FINISHED"
     assert {item.path for item in client.list_artifacts(parent.info.run_id, "reports")} >= {
         "reports/leaderboard.csv", "reports/leaderboard.md"}
+
+
+def test_mlflow_still_down_when_the_study_ends_fails_clearly_and_resume_logs_the_rest(ray_cluster, mlflow_outage,
+                                                                                       small_digits, tmp_path):
+    """MLflow drops off once the trial has started and is still unreachable when the study ends: the driver
+    stops with a clear error naming where the results are and `--resume` (not a stack trace, not a hang), the
+    parent run is left as it was; once MLflow is back, resuming runs no trial again and logs what was missing,
+    each epoch once."""
+    proxy, tracking_uri = mlflow_outage
+    study = StudyConfig.parse(study_values("mlflow-down-at-end", small_digits, 1, workers={"num_workers": 1}))
+    storage = tmp_path / "storage"
+
+    def cut_when_the_trial_runs() -> None:
+        wait_for(lambda: trial_runs(tracking_uri, "mlflow-down-at-end"), what="the trial's run")
+        proxy.cut()
+
+    saboteur = threading.Thread(target=cut_when_the_trial_runs, daemon=True)
+    saboteur.start()
+    started = time.monotonic()
+    with pytest.raises(TrackingUnavailableError) as failed:
+        run_study(study, str(storage), tracking_uri)
+    saboteur.join(timeout=10)
+    message = str(failed.value)
+    assert "--resume" in message and str(storage) in message and tracking_uri in message, message
+    assert [(row.state, row.epochs) for row in failed.value.rows] == [("finished", 1)]
+    assert time.monotonic() - started < 300  # bounded: no call waits on the unreachable server for long
+
+    proxy.restore()
+    client = MlflowClient(tracking_uri)
+    (parent,) = client.search_runs([client.get_experiment_by_name("mlflow-down-at-end").experiment_id],
+                                   "tags.`satscale.role` = 'study'")
+    assert parent.info.status == "RUNNING"  # left as it was, not marked finished or failed
+    outcome = run_study(study, str(storage), tracking_uri, resume=True)
+    assert outcome.parent_run_id == parent.info.run_id
+    assert [(row.state, row.epochs) for row in outcome.rows] == [("finished", 1)]
+    assert len(list(storage.glob("mlflow-down-at-end/run_trial_*"))) == 1  # the trial did not run again
+    assert client.get_run(outcome.parent_run_id).info.status == "FINISHED"
+    assert {item.path for item in client.list_artifacts(outcome.parent_run_id, "reports")} >= {
+        "reports/leaderboard.csv", "reports/leaderboard.md"}
+    (child,) = trial_runs(tracking_uri, "mlflow-down-at-end")
+    assert child.info.status == "FINISHED"
+    for metric in ("clean_acc", "robust_acc"):
+        assert [point.step for point in client.get_metric_history(child.info.run_id, metric)] == [0], metric
 
 
 # Address space a Train worker may add to what it maps when it starts: the healthy trial needs a fraction of

@@ -30,3 +30,13 @@ def test_entry_point_runs_as_a_script():
                             capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert "--resume" in result.stdout and "ray job submit" in result.stdout
+
+
+def test_trial_actors_do_not_import_ffcv():
+    """Every Tune trial actor imports `orchestrator.trial_driver` (and through it `trainers.distributed`) to run
+    its trial; only Train workers read data, so FFCV and its numba compile stay out of the actor's start-up."""
+    probe = ("import sys, orchestrator.trial_driver, trainers.distributed; "
+             "print(sorted(name for name in ('ffcv', 'numba', 'mlflow') if name in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -136,8 +136,19 @@ scale_study.local_ray_settings(bind_all=False)
 scale_study.connect_ray(bind_all=False)
 import ray
 
+
+
+@ray.remote(num_cpus=0)
+def nodes_seen_from_inside() -> int:
+    # What Ray Train's PlacementGroupCleaner does: the State API, called in the cluster without an address.
+    from ray.util.state import list_nodes
+
+    return len(list_nodes())
+
+
 print(json.dumps({"gcs": ray.get_runtime_context().gcs_address,
-                  "dashboard": ray._private.worker.get_dashboard_url()}), flush=True)
+                  "dashboard": ray._private.worker.get_dashboard_url(),
+                  "nodes_seen_from_inside": ray.get(nodes_seen_from_inside.remote())}), flush=True)
 sys.stdin.read()  # until the test closes stdin
 """
 
@@ -165,7 +176,9 @@ def _http_status(url: str, headers: dict[str, str]) -> int:
         return error.code
 
 
-def test_the_local_ray_listens_on_loopback_only_and_refuses_clients_without_the_token(ray_temp_root):
+def test_the_local_ray_listens_on_loopback_only_and_refuses_clients_without_the_token(ray_temp_root, ray_cluster):
+    """`ray_cluster`: another Ray runs on the machine meanwhile, as on a shared workstation; the State API inside
+    the local Ray still finds its own cluster."""
     import grpc
     from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
 
@@ -178,6 +191,7 @@ def test_the_local_ray_listens_on_loopback_only_and_refuses_clients_without_the_
     processes: list[psutil.Process] = []
     try:
         started = json.loads(driver.stdout.readline())
+        assert started["nodes_seen_from_inside"] == 1
         processes = _process_tree(driver.pid)
         sockets = _bound_sockets(processes)
         assert len({name for name, _, _ in sockets}) >= 4, sockets  # GCS, raylet, dashboard, agents, workers

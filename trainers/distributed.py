@@ -24,7 +24,6 @@ from torch import nn
 
 from trainers.checkpoint import (load_rng_state, load_training_state, restore_rng_state, save_rng_state,
                                  save_training_state)
-from trainers.data.loaders import build_loaders
 from trainers.errors import ConfigError
 from trainers.faults import maybe_fault
 from trainers.models import build_model_from_config
@@ -104,6 +103,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     train_config = trial.effective_train_config()
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
+
+    # Imported here, on the worker: each trial's Tune actor imports this module for `build_trainer` and never
+    # reads data, so it should not pay for FFCV's import and numba compilation (benchmarks/README.md).
+    from trainers.data.loaders import build_loaders
 
     loaders = build_loaders(trial.data.train_path, trial.data.eval_path, trial.loader_config(),
                             train_indices=True)

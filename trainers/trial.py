@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from trainers.data.errors import StagingError
-from trainers.data.loaders import LoaderConfig, ProgressiveResizing
+from trainers.data.loader_config import LoaderConfig, ProgressiveResizing
 from trainers.data.s3 import S3Uri
 from trainers.errors import one_of, validated
 from trainers.models import ModelConfig
