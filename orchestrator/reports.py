@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import statistics
+import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,7 +221,7 @@ def plot_seed_groups(groups: Sequence[SeedGroup], columns: Mapping[str, str], pa
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(8, 1.2 + 0.45 * len(groups) * max(len(columns), 1)), dpi=120)
+    figure = Figure(figsize=(10, 1.2 + 0.45 * len(groups) * max(len(columns), 1)), dpi=120)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     height = 0.8 / max(len(columns), 1)
@@ -230,7 +231,7 @@ def plot_seed_groups(groups: Sequence[SeedGroup], columns: Mapping[str, str], pa
                   xerr=[100 * group.std.get(metric, 0.0) for group in groups], capsize=3, label=header,
                   color=f"C{index}")
     axes.set_yticks([row + height * (len(columns) - 1) / 2 for row in range(len(groups))],
-                    [group.label for group in groups], fontsize=8)
+                    [textwrap.fill(group.label, 36) for group in groups], fontsize=8)  # long ablation labels
     axes.invert_yaxis()
     axes.set_xlabel("Accuracy (%), mean ± std over seeds")
     axes.set_title(title)
