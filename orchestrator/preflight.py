@@ -22,7 +22,7 @@ from trainers.data.errors import DataError
 from trainers.data.loaders import check_dataset
 from trainers.data.manifest import read_manifest, verify_file
 from trainers.data.sources import read_source
-from trainers.errors import ConfigError, mask_url_credentials
+from trainers.errors import ConfigError, first_line, mask_url_credentials
 from trainers.trial import TrialConfig, WorkersConfig
 
 # Storage Ray Tune/Train can write to (through pyarrow) besides a local folder.
@@ -43,10 +43,6 @@ def check_study_inputs(study: StudyConfig, storage_path: str, resume: bool) -> N
 
 
 # ------------------------------------------------------------------------------------------------ storage
-
-def _first_line(error: BaseException) -> str:
-    return next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
-
 
 def check_storage(storage_path: str) -> None:
     """A local folder (its nearest existing parent must be a writable folder; nothing is created here), or a
@@ -73,7 +69,7 @@ def check_storage(storage_path: str) -> None:
         filesystem, _ = pyarrow.fs.FileSystem.from_uri(storage_path)
         bucket = filesystem.get_file_info(parts.netloc)
     except (pyarrow.ArrowException, OSError) as error:
-        raise ConfigError(f"{label}: cannot be reached: {_first_line(error)}; check the bucket name, endpoint "
+        raise ConfigError(f"{label}: cannot be reached: {first_line(error)}; check the bucket name, endpoint "
                           "(AWS_ENDPOINT_URL) and credentials") from None
     if bucket.type == pyarrow.fs.FileType.NotFound:
         raise ConfigError(f"{label}: bucket {parts.netloc!r} does not exist at the configured endpoint; create it "

@@ -35,6 +35,7 @@ from search_spaces.space import optuna_space, param_space, trial_config, trial_p
 from search_spaces.study import StudyConfig
 from trainers.checkpoint import load_training_state
 from trainers.data.convert import convert
+from trainers.errors import first_line
 from trainers.models import ModelConfig, build_model_from_config
 from trainers.trial import TrialConfig
 
@@ -197,9 +198,9 @@ class TrackingUnavailableError(RuntimeError):
 
     def __init__(self, rows: list[StudyRow], tracking_uri: str, error: Exception, results_path: str) -> None:
         self.rows = rows
-        reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
         super().__init__(
-            f"the study's {len(rows)} trial(s) ended, but MLflow at {tracking_uri} is unreachable ({reason}): its "
+            f"the study's {len(rows)} trial(s) ended, but MLflow at {tracking_uri} is unreachable "
+            f"({first_line(error)}): its "
             f"reports, best model and end were not logged. Every trial's results are in {results_path}; when "
             "MLflow is back, run the same command with --resume to log them (no trial runs again)")
 

@@ -33,7 +33,7 @@ from ray.tune.experiment import Trial
 
 from orchestrator.reports import StudyRow, TrialState
 from trainers.checkpoint import load_model, save_model
-from trainers.errors import REDACTED, ConfigError, mask_url_credentials
+from trainers.errors import REDACTED, ConfigError, first_line, mask_url_credentials
 from trainers.models import SATModel
 
 logger = logging.getLogger(__name__)
@@ -312,10 +312,6 @@ def is_permanent(error: Exception) -> bool:
     return True
 
 
-def _first_line(text: str) -> str:
-    return next((line.strip() for line in text.splitlines() if line.strip()), "")
-
-
 _EXCEPTION_LINE = re.compile(r"^[\w.]+(?:Error|Exception|Interrupt|Exit)\b")
 
 
@@ -339,7 +335,7 @@ def _failure_reason(error: BaseException | str | None) -> str:
     in a RayTaskError whose `cause` is the trainable's exception, or as a text trace when pickling failed."""
     if isinstance(error, BaseException):
         cause = getattr(error, "cause", None) or error
-        reason = f"{type(cause).__name__}: {_first_line(str(cause))}"
+        reason = f"{type(cause).__name__}: {first_line(cause)}"
     else:
         lines = [line.strip() for line in (error or "").splitlines() if line.strip()]
         reason = next((line for line in reversed(lines) if _EXCEPTION_LINE.match(line)),
@@ -437,10 +433,10 @@ class MLflowStudyCallback(Callback):
             except Exception as error:
                 if not is_permanent(error):
                     self._retry_after = time.monotonic() + self._retry_interval_s
-                    logger.warning("MLflow unavailable (%s); %d call(s) queued for later", _first_line(str(error)),
+                    logger.warning("MLflow unavailable (%s); %d call(s) queued for later", first_line(error),
                                    len(self._pending))
                     return False
-                self._dropped.append(f"{description}: {_first_line(str(error))}")
+                self._dropped.append(f"{description}: {first_line(error)}")
                 logger.warning("MLflow rejected %s: %s", description, error)
             self._pending.popleft()
         return True

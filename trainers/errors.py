@@ -29,6 +29,11 @@ def mask_url_credentials(text: str) -> str:
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 
+def first_line(error: BaseException) -> str:
+    """An error's first non-blank line (Ray's and MLflow's messages run to pages), else its type's name."""
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+
+
 def one_of(value: str, accepted: Iterable[str], what: str) -> str:
     """`value` if it is one of `accepted`, else a ValueError (for pydantic validators) listing them."""
     choices = sorted(accepted)
