@@ -3,7 +3,9 @@ best configurations, AutoAttack (torchattacks) as a check against gradient maski
 
 A study's per-epoch robust accuracy uses a cheap attack (Tune needs it every epoch); the numbers a paper reports
 come from here. Each trial's figures go to its MLflow child run (step = its last epoch); the per-configuration
-summary (mean ± std over seeds, the AutoAttack gap to PGD) goes to --out and to the parent run's `evaluation/`.
+summary (mean ± std over seeds, the AutoAttack gap to PGD) goes to --out and to the parent run's `evaluation/`,
+with scaling curves (PGD accuracy against FLOPs) when the trials differ in scale. To draw those curves across
+several evaluated studies (e.g. a phi=0 baseline run on its own): orchestrator/scaling_report.py.
 """
 from __future__ import annotations
 
@@ -58,7 +60,12 @@ class TrialEvaluation:
     trial_id: str
     checkpoint_path: str
     params: dict
+    cost_flops: float
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+# evaluation.csv's columns before the trial params.
+RESULT_COLUMNS = ("trial_id", "clean_acc", "pgd_acc", "pgd_acc_aa_images", "autoattack_acc", "cost_flops")
 
 
 def finished_trials(experiment_path: str) -> list[tuple[str, str]]:
@@ -183,7 +190,8 @@ def run(args: argparse.Namespace) -> Path:
             stopped_early.append(trial_id)  # the scheduler cut its budget: not comparable
             continue
         metrics = evaluator.pgd(trained, args.max_images)
-        evaluations.append(TrialEvaluation(trial_id, checkpoint_path, trial_params(trained.trial), metrics))
+        evaluations.append(TrialEvaluation(trial_id, checkpoint_path, trial_params(trained.trial),
+                                           float(trained.model.cost().flops), metrics))
         print(f"{trial_id}: clean {metrics['clean_acc']:.3f}, {evaluator.pgd_name} {metrics['pgd_acc']:.3f}",
               flush=True)
     if not evaluations:
@@ -212,23 +220,44 @@ def _columns(pgd_name: str, autoattack: str) -> dict[str, str]:
             "autoattack_acc": f"AutoAttack ({autoattack})"}
 
 
+def read_evaluation(path: Path) -> list[tuple[dict, dict[str, float]]]:
+    """(params, metrics with cost_flops) per trial from an evaluation.csv this script wrote; empty cells are
+    absent values."""
+    import csv
+
+    records = []
+    with open(path, newline="") as file:
+        for row in csv.DictReader(file):
+            metrics = {name: float(row[name]) for name in RESULT_COLUMNS[1:] if row.get(name) not in (None, "")}
+            params = {name: value for name, value in row.items() if name not in RESULT_COLUMNS and value != ""}
+            records.append((params, metrics))
+    return records
+
+
+def _differ_in_scale(evaluations: list[TrialEvaluation]) -> bool:
+    from orchestrator.reports import SCALE_DIMENSIONS
+
+    return len({tuple(item.params[name] for name in SCALE_DIMENSIONS) for item in evaluations}) > 1
+
+
 def write_evaluation(out: Path, evaluations: list[TrialEvaluation], pgd_name: str, args: argparse.Namespace,
                      stopped_early: list[str]) -> list[Path]:
     """evaluation.csv (one line per trial), evaluation.md (per configuration, mean ± std over seeds, and the
-    AutoAttack gaps) and evaluation.png."""
+    AutoAttack gaps) and evaluation.png; scaling.md and scaling.png when the trials differ in scale."""
     import csv
 
-    from orchestrator.reports import plot_seed_groups, seed_groups, seed_groups_markdown
+    from orchestrator.reports import (plot_scaling, plot_seed_groups, scale_points, scaling_markdown, seed_groups,
+                                      seed_groups_markdown)
 
     out.mkdir(parents=True, exist_ok=True)
     columns = _columns(pgd_name, args.autoattack)
     table = out / "evaluation.csv"
     param_names = sorted({name for item in evaluations for name in item.params})
     with open(table, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=["trial_id", *columns, *param_names])
+        writer = csv.DictWriter(file, fieldnames=[*RESULT_COLUMNS, *param_names])
         writer.writeheader()
         for item in evaluations:
-            writer.writerow({"trial_id": item.trial_id, **item.metrics, **item.params})
+            writer.writerow({**item.params, "trial_id": item.trial_id, **item.metrics, "cost_flops": item.cost_flops})
     groups = seed_groups((item.params, item.metrics) for item in evaluations)
     lines = [f"PGD: {args.pgd_steps} steps, {args.restarts} restart(s), first {args.max_images} test images per "
              f"trial; AutoAttack ({args.autoattack}) on the first {args.autoattack_images}.", "",
@@ -248,7 +277,13 @@ def write_evaluation(out: Path, evaluations: list[TrialEvaluation], pgd_name: st
     summary.write_text("\n".join(lines) + "\n")
     plot = plot_seed_groups(groups, {"clean_acc": "Clean", "pgd_acc": pgd_name.upper()}, out / "evaluation.png",
                             f"Clean and {pgd_name.upper()} accuracy per configuration")
-    return [table, summary, plot]
+    written = [table, summary, plot]
+    if _differ_in_scale(evaluations):
+        points = scale_points((item.params, {**item.metrics, "cost_flops": item.cost_flops}) for item in evaluations)
+        scaling = out / "scaling.md"
+        scaling.write_text(scaling_markdown(points, "pgd_acc", pgd_name.upper()))
+        written += [scaling, plot_scaling(points, "pgd_acc", pgd_name.upper(), out / "scaling.png")]
+    return written
 
 
 def log_evaluation(tracking_uri: str, study_name: str, evaluations: list[TrialEvaluation], pgd_name: str,

@@ -1,5 +1,6 @@
 """A study's reports from its trials' final results: leaderboard (CSV, Markdown), a Pareto-frontier plot and,
-when trials repeat a configuration over seeds, each configuration's mean ± std.
+when trials repeat a configuration over seeds, each configuration's mean ± std; and, for trials that differ in
+scale, scaling curves (accuracy against FLOPs per image, one curve per configuration and scaled dimension).
 
 Pure: no MLflow, no Ray. The tracker logs the files these functions write.
 """
@@ -17,6 +18,8 @@ TrialState = Literal["finished", "stopped_early", "failed"]
 
 # The trial params that name a point of the study in the paper's tables.
 SCALE_PARAMS = ("arch", "depth_mult", "width_mult", "resolution")
+# The dimensions a scaling rule grows (trial params hold their effective values).
+SCALE_DIMENSIONS = ("depth_mult", "width_mult", "resolution")
 
 
 @dataclass(frozen=True)
@@ -263,3 +266,92 @@ def write_reports(rows: Iterable[StudyRow], directory: Path) -> list[Path]:
         seeds.write_text(seed_groups_markdown(groups, {"clean_acc": "Clean acc", "robust_acc": "PGD robust acc"}))
         written.append(seeds)
     return written
+
+
+@dataclass(frozen=True)
+class ScalePoint:
+    """One configuration at one scale (its seeds averaged), placed on a scaling curve."""
+
+    label: str  # the configuration apart from its scale, e.g. the activation
+    grown: str  # the dimensions larger than the smallest model's: "base", "depth", "width+resolution", ...
+    phi: float
+    scale: tuple[float, float, float]  # effective depth_mult, width_mult, resolution
+    cost_flops: float
+    seeds: int
+    mean: dict[str, float]
+
+
+def scale_points(records: Iterable[tuple[Mapping[str, Any], Mapping[str, float | None]]]) -> list[ScalePoint]:
+    """(params, metrics) records, each with a `cost_flops` metric, as points of scaling curves. A point's
+    `grown` names the dimensions in which it exceeds the smallest value any record has: how a rule scaled it
+    from the common base (EfficientNet's compound rule grows all three)."""
+    groups = seed_groups(records)
+    smallest = [min(float(group.params[name]) for group in groups) for name in SCALE_DIMENSIONS]
+    names = sorted({name for group in groups for name in group.params} - {*SCALE_DIMENSIONS, "compound_phi"})
+    varying = [name for name in names if len({str(group.params.get(name)) for group in groups}) > 1]
+    points = []
+    for group in groups:
+        scale = tuple(float(group.params[name]) for name in SCALE_DIMENSIONS)
+        grown = [name.removesuffix("_mult") for name, value, low in zip(SCALE_DIMENSIONS, scale, smallest)
+                 if value > low * (1 + 1e-6)]
+        points.append(ScalePoint(label=_group_label(group.params, varying), grown="+".join(grown) or "base",
+                                 phi=float(group.params.get("compound_phi") or 0.0), scale=scale,
+                                 cost_flops=group.mean["cost_flops"], seeds=len(group.seeds), mean=group.mean))
+    return sorted(points, key=lambda point: (point.grown != "base", point.grown, point.cost_flops))
+
+
+def scaling_markdown(points: Sequence[ScalePoint], metric: str, header: str) -> str:
+    """One line per scale: its dimensions and FLOPs, each configuration's `metric` (%) and, against a ReLU
+    configuration where there is one, every other configuration's difference in points."""
+    labels = list(dict.fromkeys(point.label for point in points))
+    baseline = next((label for label in labels if label.split("(")[0] == "relu"), None)
+    others = [label for label in labels if label != baseline] if baseline else []
+    by_scale: dict[tuple, dict[str, ScalePoint]] = {}
+    for point in points:
+        by_scale.setdefault((point.grown, point.phi, point.scale), {})[point.label] = point
+    lines = ["| Scaled | phi | Depth x | Width x | Resolution | MFLOPs | "
+             + " | ".join(f"{label}: {header} (%)" for label in labels)
+             + "".join(f" | {label} - {baseline} (points)" for label in others) + " |",
+             "|---|---:|---:|---:|---:|---:|" + "---:|" * (len(labels) + len(others))]
+    for (grown, phi, (depth, width, resolution)), row in by_scale.items():
+        flops = statistics.fmean(point.cost_flops for point in row.values())
+        cells = [grown, f"{phi:g}", f"{depth:.2f}", f"{width:.2f}", f"{resolution:g}", f"{flops / 1e6:.1f}",
+                 *(_percent(row[label].mean.get(metric)) if label in row else "–" for label in labels)]
+        for label in others:
+            both = label in row and baseline in row and metric in row[label].mean and metric in row[baseline].mean
+            cells.append(f"{100 * (row[label].mean[metric] - row[baseline].mean[metric]):+.1f}" if both else "–")
+        lines.append("| " + " | ".join(_cell(cell) for cell in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_scaling(points: Sequence[ScalePoint], metric: str, header: str, path: Path) -> Path:
+    """`metric` (%) against FLOPs per image (log scale): per configuration (line style) one curve per grown
+    dimension (colour), each starting from the configuration's base point."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8, 5.5), dpi=120)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    labels = list(dict.fromkeys(point.label for point in points))
+    rules = list(dict.fromkeys(point.grown for point in points if point.grown != "base"))
+    styles = ["-", "--", ":", "-."]
+    for label_index, label in enumerate(labels):
+        mine = [point for point in points if point.label == label and metric in point.mean]
+        base = [point for point in mine if point.grown == "base"]
+        for rule_index, rule in enumerate(rules):
+            curve = base + sorted((point for point in mine if point.grown == rule), key=lambda p: p.cost_flops)
+            axes.plot([point.cost_flops / 1e6 for point in curve], [100 * point.mean[metric] for point in curve],
+                      linestyle=styles[label_index % len(styles)], marker="o", color=f"C{rule_index % 10}",
+                      label=f"{label}, {rule}")
+        if base and not rules:
+            axes.plot([base[0].cost_flops / 1e6], [100 * base[0].mean[metric]], "ko", label=f"{label}, base")
+    axes.set_xscale("log", base=2)
+    axes.set_xlabel("MFLOPs per image (log scale)")
+    axes.set_ylabel(f"{header} (%)")
+    axes.set_title(f"{header} against model cost, by scaled dimension")
+    axes.legend(fontsize=7, ncol=2)
+    axes.grid(True, alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, format="png")
+    return path
