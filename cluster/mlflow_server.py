@@ -14,6 +14,7 @@ through SSH port forwarding: `ray dashboard cluster/aws.yaml --port 5000 --remot
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sqlite3
 import subprocess
@@ -24,11 +25,14 @@ import urllib.request
 from pathlib import Path
 
 import boto3
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
+from trainers.data.errors import StagingError
 from trainers.data.s3 import S3Uri, upload_file
+from trainers.errors import first_line
 
 BACKUP_PERIOD_S = 300
+WORKER_HEALTHCHECK_S = 60
 
 
 def backup(db: Path, uri: str) -> str:
@@ -67,19 +71,24 @@ def healthy(url: str) -> bool:
         return False
 
 
-def serve(db: Path, backup_uri: str, artifacts: str, port: int, period_s: float = BACKUP_PERIOD_S) -> int:
+def serve(db: Path, backup_uri: str, artifacts: str, port: int, period_s: float = BACKUP_PERIOD_S,
+          host: str = "0.0.0.0") -> int:
     """Restore, run `mlflow server`, back up every `period_s` and when stopped. A second start on a head that
-    already serves (a repeated `ray up`) leaves the running server alone."""
+    already serves (a repeated `ray up`) leaves the running server alone. Stopped by SIGTERM/SIGINT: 0, or 1
+    when the last backup failed."""
     if healthy(f"http://127.0.0.1:{port}"):
         print(f"an MLflow server already answers on port {port}", flush=True)
         return 0
     if restore(db, backup_uri):
         print(f"restored {db} from {backup_uri}", flush=True)
     db.parent.mkdir(parents=True, exist_ok=True)
-    # Every interface, so that every node of the cluster reaches it; the security group keeps others out.
+    # uvicorn's supervisor restarts a worker that misses a 5 s health check: on a busy head (Ray, the study's
+    # driver) workers were killed in a loop before serving a request; a minute rides out the load.
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
                                f"sqlite:///{db.resolve()}", "--artifacts-destination", artifacts,
-                               "--host", "0.0.0.0", "--port", str(port), "--workers", "2"], start_new_session=True)
+                               "--host", host, "--port", str(port), "--workers", "2",
+                               "--uvicorn-opts", f"--timeout-worker-healthcheck {WORKER_HEALTHCHECK_S}"],
+                              start_new_session=True)
     stopping = False
 
     def stop(*_):
@@ -92,14 +101,45 @@ def serve(db: Path, backup_uri: str, artifacts: str, port: int, period_s: float 
     while not stopping and server.poll() is None:
         time.sleep(1)
         if time.monotonic() >= next_backup and db.exists():
-            backup(db, backup_uri)
+            _try_backup(db, backup_uri)  # a failed copy must not take the server down: the next one retries
             next_backup = time.monotonic() + period_s
-    if server.poll() is None:
-        server.terminate()
-        server.wait(timeout=60)
-    if db.exists():
-        backup(db, backup_uri)
-    return 0 if stopping else server.returncode
+    stop_process_group(server)
+    backed_up = _try_backup(db, backup_uri) if db.exists() else True
+    if not stopping:
+        return server.returncode
+    return 0 if backed_up else 1
+
+
+def stop_process_group(process: subprocess.Popen, grace_s: float = 30) -> None:
+    """End the process group `process` leads (started with start_new_session): SIGTERM, then SIGKILL after
+    `grace_s`. `mlflow server` runs uvicorn and its workers as children, and uvicorn waits forever for a worker
+    still starting up: stopping only the CLI process hung, and left the workers behind."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            continue
+        if sig == signal.SIGTERM:  # the CLI is gone; whatever of its group hangs on goes now
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return
+
+
+def _try_backup(db: Path, uri: str) -> bool:
+    """`backup`, reporting a failure (S3 unreachable, a missing bucket) on stderr instead of raising."""
+    try:
+        backup(db, uri)
+    except (StagingError, ClientError, BotoCoreError, sqlite3.Error, OSError) as error:
+        print(f"mlflow_server: backup of {db} to {uri} failed ({first_line(error)}); the database is intact "
+              "and the next backup retries", file=sys.stderr, flush=True)
+        return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backup", required=True, metavar="s3://BUCKET/KEY", help="where the database is copied")
     parser.add_argument("--artifacts", metavar="s3://BUCKET/PREFIX", help="artifact store (to serve)")
     parser.add_argument("--port", type=int, default=5000)
+    # Every interface by default, so that every node of the cluster reaches it; the security group keeps others out.
+    parser.add_argument("--host", default="0.0.0.0", help="interface to serve on (default: all)")
+    parser.add_argument("--backup-period", type=float, default=BACKUP_PERIOD_S, metavar="SECONDS",
+                        help=f"seconds between backups while serving (default: {BACKUP_PERIOD_S})")
     parser.add_argument("--backup-now", action="store_true", help="copy the database to --backup and exit")
     args = parser.parse_args(argv)
     db = args.db.expanduser()
@@ -117,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.artifacts:
         parser.error("--artifacts is required to serve")
-    return serve(db, args.backup, args.artifacts, args.port)
+    return serve(db, args.backup, args.artifacts, args.port, args.backup_period, args.host)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,20 @@
 S3-compatible server on loopback) and a new head starts from the copy."""
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
+import time
+import uuid
 
-from cluster.mlflow_server import backup, restore
+import boto3
+from mlflow import MlflowClient
+
+from cluster.mlflow_server import backup, healthy, restore
+from tests.fixtures.mlflow_server import SERVER_START_TIMEOUT_S
+from tests.fixtures.network import free_loopback_port
 
 
 def _rows(db) -> list[tuple]:
@@ -34,3 +45,49 @@ def test_database_backed_up_to_s3_and_restored_on_a_new_head(s3_bucket, tmp_path
         connection.execute("INSERT INTO metrics VALUES ('epoch', 3)")
     assert restore(new_head, uri) is False  # an existing database is never overwritten
     assert ("epoch", 3.0) in _rows(new_head)
+
+
+def test_server_keeps_serving_when_a_backup_fails_and_backs_up_once_s3_recovers(s3_server, tmp_path):
+    """The bucket for the copies is missing at first (a backup fails the way an unreachable S3 does: after the
+    upload's retries): the server must stay up, say so, and copy the database once the bucket exists."""
+    bucket = f"backups-{uuid.uuid4().hex[:12]}"
+    uri = f"s3://{bucket}/mlflow/mlflow.db"
+    port = free_loopback_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "manager.log"
+    with open(log, "wb") as output:
+        manager = subprocess.Popen(
+            [sys.executable, "-m", "cluster.mlflow_server", "--db", str(tmp_path / "head" / "mlflow.db"),
+             "--backup", uri, "--artifacts", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
+             "--port", str(port), "--backup-period", "2"],
+            stdout=output, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            start_new_session=True)
+    try:
+        _wait_for(lambda: healthy(url) or manager.poll() is not None, SERVER_START_TIMEOUT_S, log)
+        MlflowClient(url).create_experiment("kept")  # something in the database worth keeping
+        _wait_for(lambda: "backup of" in log.read_text() or manager.poll() is not None, 60, log)
+        assert manager.poll() is None and healthy(url), log.read_text()[-2000:]
+        assert "failed" in log.read_text() and "the next backup retries" in log.read_text()
+
+        s3 = boto3.session.Session().client("s3")
+        s3.create_bucket(Bucket=bucket)
+        _wait_for(lambda: s3.list_objects_v2(Bucket=bucket).get("KeyCount", 0) > 0, 60, log)
+        manager.send_signal(signal.SIGTERM)
+        assert manager.wait(timeout=90) == 0, log.read_text()[-2000:]
+    finally:
+        if manager.poll() is None:  # a failed assertion: stop it the way a head does, so the server stops too
+            manager.send_signal(signal.SIGTERM)
+            manager.wait(timeout=90)
+    assert not healthy(url)  # the manager stopped the server it started
+    restored = tmp_path / "new-head" / "mlflow.db"
+    assert restore(restored, uri) is True
+    with sqlite3.connect(restored) as connection:
+        assert ("kept",) in connection.execute("SELECT name FROM experiments").fetchall()
+
+
+def _wait_for(condition, timeout_s: float, log) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out; manager log:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
