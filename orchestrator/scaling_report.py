@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # run as a script: see scale_study.py
 
 from orchestrator.evaluate_study import read_evaluation  # noqa: E402
-from orchestrator.reports import plot_scaling, scale_points, scaling_markdown  # noqa: E402
+from orchestrator.reports import SCALE_DIMENSIONS, plot_scaling, scale_points, scaling_markdown  # noqa: E402
 from trainers.errors import ConfigError  # noqa: E402
 
 
@@ -47,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         if any("cost_flops" not in metrics for _params, metrics in records):
             raise ConfigError("evaluations: some trials have no cost_flops (an evaluation.csv from an older "
                               "evaluate_study.py); evaluate those studies again")
+        missing = sorted({name for params, _metrics in records for name in SCALE_DIMENSIONS if name not in params})
+        if missing:
+            raise ConfigError(f"evaluations: some trials have no {', '.join(missing)} column; give evaluation.csv "
+                              "files as evaluate_study.py writes them")
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

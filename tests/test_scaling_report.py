@@ -102,3 +102,11 @@ def test_scaling_report_names_a_missing_evaluation(tmp_path: Path, capsys):
     error = capsys.readouterr().err
     assert "evaluations:" in error and "evaluation.csv" in error and "Traceback" not in error
     assert not (tmp_path / "out").exists()  # nothing written on bad input
+
+
+def test_scaling_report_names_the_columns_a_foreign_csv_lacks(tmp_path: Path, capsys):
+    table = tmp_path / "evaluation.csv"
+    table.write_text("trial_id,clean_acc,pgd_acc,cost_flops,activation,width_mult\nt0,0.8,0.5,1000000,relu,0.5\n")
+    assert scaling_report_main([str(table), "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert "depth_mult, resolution" in error and "Traceback" not in error
