@@ -17,7 +17,7 @@ import datetime
 import json
 from pathlib import Path
 
-from embedded_default import StudyRun, machine, run_scale_study
+from embedded_default import StudyRun, machine, run_scale_study, write_record
 
 RESULTS = Path(__file__).parent / "results" / "asha_vs_grid.json"
 
@@ -60,8 +60,7 @@ def main() -> None:
                            "wall_seconds": round(asha["wall_seconds"] / grid["wall_seconds"], 3),
                            "best_robust_acc_difference": round(asha["best_robust_acc"] - grid["best_robust_acc"], 4)},
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(record, indent=2) + "\n")
+    write_record(args.output, record)
     print(json.dumps(record["asha_over_grid"]))
     print(f"written to {args.output}")
 

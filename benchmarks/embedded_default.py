@@ -126,6 +126,16 @@ def trial_overheads(run: StudyRun) -> dict:
             "overhead_share_of_trial_seconds": round(sum(to_batch) / trial_seconds, 3) if trial_seconds else None}
 
 
+def write_record(path: Path, record: dict) -> None:
+    """Write `record` to `path`, keeping what was there before under `earlier_runs` (newest first)."""
+    earlier: list[dict] = []
+    if path.exists():
+        previous = json.loads(path.read_text())
+        earlier = [{k: v for k, v in previous.items() if k != "earlier_runs"}, *previous.get("earlier_runs", [])]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**record, "earlier_runs": earlier}, indent=2) + "\n")
+
+
 def machine() -> dict:
     return {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
             "platform": platform.platform(), "python": platform.python_version(),
@@ -148,8 +158,7 @@ def main() -> None:
         "within_target": run.wall_seconds < TARGET_SECONDS, "trials": len(run.leaderboard),
         "per_trial_overhead": trial_overheads(run), "leaderboard": run.leaderboard,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(record, indent=2) + "\n")
+    write_record(args.output, record)
     print("\n".join(run.leaderboard))
     print(json.dumps(record["per_trial_overhead"]))
     print(f"study: {run.wall_seconds:.0f} s wall for {len(run.leaderboard)} trials "
