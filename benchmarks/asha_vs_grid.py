@@ -4,10 +4,11 @@ Runs the embedded default study's space (ReLU, SiLU, GELU, Softplus x two widths
 PGD adversarial training) twice through `scale_study.py`, each in a fresh folder: once under ASHA (grace period
 1 epoch, reduction factor 2) and once FIFO, every trial to the full budget. Compute is counted as trial-epochs
 (epochs trained, over all trials) and trial-seconds (each trial's wall time, summed); the best is the highest
-final robust accuracy of any trial. Each trial's seed is fixed, so a trial that runs in both studies trains
-the same way: where ASHA's best differs from the grid's, ASHA stopped the grid's winner early.
+final robust accuracy of any trial. Each trial's seed is fixed, but two studies on a shared 2-core machine do
+not train a trial bit-identically (benchmarks/README.md): compare the schedulers on compute and on which
+configuration wins, not on a point or two of accuracy.
 
-    python benchmarks/asha_vs_grid.py                   # 4 epochs per trial; about 10 minutes on 2 cores
+    python benchmarks/asha_vs_grid.py                   # 4 epochs per trial; about 21 minutes on 2 cores
     python benchmarks/asha_vs_grid.py --epochs 6
 """
 from __future__ import annotations
