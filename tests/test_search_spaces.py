@@ -65,7 +65,7 @@ def test_activation_table_has_the_ablation_and_seeds():
 def test_compound_scaling_preset_compares_rules_at_equal_flops():
     study = load_study("compound_scaling")
     trials = [trial_config(study, config) for config in sampled_configs(study)]
-    assert len(trials) == 16 and {trial.model.activation for trial in trials} == {"relu", "silu"}
+    assert len(trials) == 16 and {trial.model.activation for trial in trials} == {"relu", "parametric_softplus"}
     scales = {(trial.model.compound_phi, round(trial.model.scale.depth_mult, 4), round(trial.model.scale.width_mult, 4),
                trial.resolution) for trial in trials if trial.model.activation == "relu"}
     assert scales == {
