@@ -111,24 +111,20 @@ def serve(db: Path, backup_uri: str, artifacts: str, port: int, period_s: float 
 
 
 def stop_process_group(process: subprocess.Popen, grace_s: float = 30) -> None:
-    """End the process group `process` leads (started with start_new_session): SIGTERM, then SIGKILL after
-    `grace_s`. `mlflow server` runs uvicorn and its workers as children, and uvicorn waits forever for a worker
-    still starting up: stopping only the CLI process hung, and left the workers behind."""
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5)):
+    """End the process group `process` leads (started with start_new_session): SIGTERM, up to `grace_s` for it
+    to exit, then SIGKILL for whatever of the group is left. `mlflow server` runs uvicorn and its workers as
+    children, and uvicorn waits forever for a worker still starting up: stopping only the CLI process hung, and
+    left the workers behind."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
         try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=wait_s)
+            process.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
-            continue
-        if sig == signal.SIGTERM:  # the CLI is gone; whatever of its group hangs on goes now
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            pass
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:  # the whole group is gone
         return
+    process.wait(timeout=5)
 
 
 def _try_backup(db: Path, uri: str) -> bool:

@@ -63,6 +63,11 @@ class TrialEvaluation:
     cost_flops: float
     metrics: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def record(self) -> tuple[dict, dict[str, float]]:
+        """(params, metrics with cost_flops): a line of evaluation.csv, as `read_evaluation` gives it back."""
+        return self.params, {**self.metrics, "cost_flops": self.cost_flops}
+
 
 # evaluation.csv's columns before the trial params.
 RESULT_COLUMNS = ("trial_id", "clean_acc", "pgd_acc", "pgd_acc_aa_images", "autoattack_acc", "cost_flops")
@@ -257,7 +262,8 @@ def write_evaluation(out: Path, evaluations: list[TrialEvaluation], pgd_name: st
         writer = csv.DictWriter(file, fieldnames=[*RESULT_COLUMNS, *param_names])
         writer.writeheader()
         for item in evaluations:
-            writer.writerow({**item.params, "trial_id": item.trial_id, **item.metrics, "cost_flops": item.cost_flops})
+            params, metrics = item.record
+            writer.writerow({**params, "trial_id": item.trial_id, **metrics})
     groups = seed_groups((item.params, item.metrics) for item in evaluations)
     lines = [f"PGD: {args.pgd_steps} steps, {args.restarts} restart(s), first {args.max_images} test images per "
              f"trial; AutoAttack ({args.autoattack}) on the first {args.autoattack_images}.", "",
@@ -279,7 +285,7 @@ def write_evaluation(out: Path, evaluations: list[TrialEvaluation], pgd_name: st
                             f"Clean and {pgd_name.upper()} accuracy per configuration")
     written = [table, summary, plot]
     if _differ_in_scale(evaluations):
-        points = scale_points((item.params, {**item.metrics, "cost_flops": item.cost_flops}) for item in evaluations)
+        points = scale_points(item.record for item in evaluations)
         scaling = out / "scaling.md"
         scaling.write_text(scaling_markdown(points, "pgd_acc", pgd_name.upper()))
         written += [scaling, plot_scaling(points, "pgd_acc", pgd_name.upper(), out / "scaling.png")]

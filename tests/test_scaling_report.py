@@ -44,7 +44,7 @@ def rules_and_baseline() -> tuple[list[TrialEvaluation], list[TrialEvaluation]]:
 
 
 def records(evaluations: list[TrialEvaluation]):
-    return [(item.params, {**item.metrics, "cost_flops": item.cost_flops}) for item in evaluations]
+    return [item.record for item in evaluations]
 
 
 def test_scale_points_name_the_grown_dimensions_and_average_seeds():
