@@ -206,11 +206,14 @@ def seed_groups(records: Iterable[tuple[Mapping[str, Any], Mapping[str, float | 
 def _mean_std(group: SeedGroup, metric: str) -> str:
     if metric not in group.mean:
         return "–"
+    if len(group.seeds) < 2:  # one seed has no spread to show, not a spread of zero
+        return f"{100 * group.mean[metric]:.1f}"
     return f"{100 * group.mean[metric]:.1f} ± {100 * group.std[metric]:.1f}"
 
 
 def seed_groups_markdown(groups: Iterable[SeedGroup], columns: Mapping[str, str]) -> str:
-    """One line per configuration: `columns` maps metric names to headers; values in % as mean ± std."""
+    """One line per configuration: `columns` maps metric names to headers; values in % as mean ± sample std over
+    seeds (the mean alone for a single seed)."""
     lines = ["| Configuration | Seeds | " + " | ".join(f"{header} (%)" for header in columns.values()) + " |",
              "|---|---:|" + "---:|" * len(columns)]
     for group in groups:
@@ -219,8 +222,10 @@ def seed_groups_markdown(groups: Iterable[SeedGroup], columns: Mapping[str, str]
     return "\n".join(lines) + "\n"
 
 
-def plot_seed_groups(groups: Sequence[SeedGroup], columns: Mapping[str, str], path: Path, title: str) -> Path:
-    """Grouped horizontal bars, one group of bars per configuration, error bars = std over seeds."""
+def plot_seed_groups(groups: Sequence[SeedGroup], columns: Mapping[str, str], path: Path, title: str,
+                     intervals: Mapping[str, Mapping[str, tuple[float, float]]]) -> Path:
+    """Grouped horizontal bars, one group of bars per configuration (its mean over seeds), error bars its 95 %
+    interval (`intervals`: label -> metric -> (low, high)); none where a configuration has none."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -230,13 +235,15 @@ def plot_seed_groups(groups: Sequence[SeedGroup], columns: Mapping[str, str], pa
     height = 0.8 / max(len(columns), 1)
     for index, (metric, header) in enumerate(columns.items()):
         positions = [row + index * height for row in range(len(groups))]
-        axes.barh(positions, [100 * group.mean.get(metric, 0.0) for group in groups], height=height,
-                  xerr=[100 * group.std.get(metric, 0.0) for group in groups], capsize=3, label=header,
-                  color=f"C{index}")
+        means = [100 * group.mean.get(metric, 0.0) for group in groups]
+        bounds = [intervals.get(group.label, {}).get(metric) for group in groups]
+        errors = [[mean - 100 * bound[0] if bound else 0.0 for mean, bound in zip(means, bounds)],
+                  [100 * bound[1] - mean if bound else 0.0 for mean, bound in zip(means, bounds)]]
+        axes.barh(positions, means, height=height, xerr=errors, capsize=3, label=header, color=f"C{index}")
     axes.set_yticks([row + height * (len(columns) - 1) / 2 for row in range(len(groups))],
                     [textwrap.fill(group.label, 36) for group in groups], fontsize=8)  # long ablation labels
     axes.invert_yaxis()
-    axes.set_xlabel("Accuracy (%), mean ± std over seeds")
+    axes.set_xlabel("Accuracy (%), mean over seeds with its 95 % interval")
     axes.set_title(title)
     axes.legend(loc="lower right", fontsize=8)
     axes.grid(True, axis="x", alpha=0.3)

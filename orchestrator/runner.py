@@ -24,6 +24,7 @@ from ray.train import Checkpoint
 from ray.tune.execution import class_cache
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from cluster import TRIAL_DRIVER_RESOURCE
 from orchestrator.preflight import (check_study_inputs, cluster_capacity, experiment_path, pending_conversions,
@@ -31,7 +32,7 @@ from orchestrator.preflight import (check_study_inputs, cluster_capacity, experi
 from orchestrator.reports import StudyRow, leaderboard, leaderboard_markdown, write_reports
 from orchestrator.tracking import MLflowStudyCallback, StudyTracker, is_permanent, study_rows
 from orchestrator.trial_driver import run_trial
-from search_spaces.space import optuna_space, param_space, trial_config, trial_params
+from search_spaces.space import optuna_space, param_space, trial_params
 from search_spaces.study import StudyConfig
 from trainers.checkpoint import load_training_state
 from trainers.data.convert import convert
@@ -104,9 +105,11 @@ def _scheduler(study: StudyConfig):
                          reduction_factor=asha.reduction_factor)
 
 
-def _searcher(study: StudyConfig):
-    if study.tune.searcher != "optuna":
-        return None
+def _searcher(study: StudyConfig, concurrent: int):
+    """The search algorithm, seeded from `tune.seed`: the same study samples the same configurations. Tune's
+    own generator takes the concurrency limit itself (Tune ignores max_concurrent_trials beside one)."""
+    if study.tune.searcher == "random":
+        return BasicVariantGenerator(random_state=study.tune.seed, max_concurrent=concurrent)
     from ray.tune.search.optuna import OptunaSearch
 
     return OptunaSearch(space=optuna_space(study), metric=study.tune.metric, mode=study.tune.mode,
@@ -126,13 +129,15 @@ def build_tuner(study: StudyConfig, storage_path: str, callback: MLflowStudyCall
     if restorable(study, storage_path, resume):
         return tune.Tuner.restore(experiment_path(storage_path, study), trainable=trainable, resume_unfinished=True,
                                   resume_errored=False)
-    searcher = _searcher(study)
+    concurrent = max_concurrent_trials(study, capacity)
+    searcher = _searcher(study, concurrent)
     return tune.Tuner(
         trainable,
-        param_space={} if searcher else param_space(study),
+        # Optuna asks its define-by-run space; the basic generator resolves Tune's param_space.
+        param_space={} if study.tune.searcher == "optuna" else param_space(study),
         tune_config=tune.TuneConfig(metric=study.tune.metric, mode=study.tune.mode, scheduler=_scheduler(study),
                                     search_alg=searcher, num_samples=study.tune.num_samples,
-                                    max_concurrent_trials=max_concurrent_trials(study, capacity)),
+                                    max_concurrent_trials=None if study.tune.searcher == "random" else concurrent),
         run_config=tune.RunConfig(name=study.name, storage_path=storage_path, callbacks=[callback]),
     )
 
@@ -145,10 +150,10 @@ def _flops_per_image(model_json: str) -> float:
 def _study_functions(study: StudyConfig):
     """Trial config -> MLflow params, and -> cost (FLOPs per image), as the tracker wants them."""
     def params(config: dict) -> dict[str, Any]:
-        return trial_params(trial_config(study, config))
+        return trial_params(study.trial_config(config))
 
     def cost(config: dict) -> float:
-        return _flops_per_image(trial_config(study, config).model.model_dump_json())
+        return _flops_per_image(study.trial_config(config).model.model_dump_json())
 
     return params, cost
 

@@ -12,7 +12,6 @@ from ray import tune
 from ray.train.v2.api.exceptions import TrainingFailedError
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from search_spaces.space import trial_config
 from search_spaces.study import StudyConfig
 from trainers.distributed import build_trainer
 
@@ -24,7 +23,7 @@ class TrialFailedError(RuntimeError):
 def run_trial(config: dict[str, Any], study_values: dict[str, Any], storage_path: str) -> None:
     """Tune function trainable: one trial as a Ray Train job whose reports flow back to Tune."""
     study = StudyConfig.parse(study_values)
-    trial = trial_config(study, config)
+    trial = study.trial_config(config)
     name = f"{study.name}-train-{tune.get_context().get_trial_id()}"
     try:
         build_trainer(trial, storage_path, name, callbacks=[TuneReportCallback()]).fit()

@@ -1,12 +1,12 @@
-"""A study as Ray Tune sees it: `param_space(study)` for `Tuner(param_space=...)`, and, back from a sampled
-Tune config, the trial it describes: `trial_config(study, config)`.
+"""A study as Ray Tune sees it: `param_space(study)` for `Tuner(param_space=...)` (or `optuna_space(study)`),
+what a trial is as MLflow params (`trial_params`), and the study's summary for `--dry-run`. Back from a sampled
+Tune config, the trial it describes is `study.trial_config(config)` (search_spaces.study).
 
 Tune config keys (flat and readable):
     activation                           {"name": ..., "params": {...}}: one entry of search.activations
     compound_phi, compound_rule, compound_alpha, compound_beta, compound_gamma    search.scaling, mode compound
     depth_mult, width_mult, resolution                               search.scaling, mode direct
     train_attack.<field>, eval_attack.<field>, optimizer.<field>, epochs, seed
-Other keys in a config (a searcher's bookkeeping, the orchestrator's own) are ignored.
 
 The activation is a conditional space: a `tune.grid_search`/`tune.choice` over dicts whose params may be
 distributions themselves. Tune's BasicVariantGenerator (the default, random/grid search) resolves those;
@@ -17,30 +17,14 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ray import tune
 
-from search_spaces.distributions import Distribution
-from search_spaces.paths import set_path
+from search_spaces.study import ACTIVATION_KEY, ActivationEntry, StudyConfig
 from trainers.activations import activation_params
 from trainers.attacks import AttackConfig
-from trainers.models import ARCHS, compound_scaling
-from trainers.models.efficientnet import ALPHA, BETA, COMPOUND_RULES, GAMMA
-from trainers.errors import validated
 from trainers.trial import TrialConfig
-
-if TYPE_CHECKING:
-    from search_spaces.study import ActivationEntry, StudyConfig
-
-ACTIVATION_KEY = "activation"
-# A Tune key's first dotted part -> where it goes in a TrialConfig.
-TRIAL_PATHS = {
-    "train_attack": "train.train_attack", "eval_attack": "train.eval_attack", "optimizer": "train.optimizer",
-    "epochs": "train.epochs", "seed": "train.seed",
-    "depth_mult": "model.depth_mult", "width_mult": "model.width_mult", "resolution": "model.resolution",
-}
-COMPOUND_DEFAULTS = {"compound_alpha": ALPHA, "compound_beta": BETA, "compound_gamma": GAMMA}
 
 
 def param_space(study: StudyConfig) -> dict[str, Any]:
@@ -48,50 +32,10 @@ def param_space(study: StudyConfig) -> dict[str, Any]:
     space = {item.key: item.distribution.to_tune() for item in study.search.searched()}
     entries = study.search.activations
     if entries:
-        options = [_activation_value(entry, lambda distribution, _: distribution.to_tune()) for entry in entries]
+        options = [entry.value(lambda distribution, _: distribution.to_tune()) for entry in entries]
         sample = tune.grid_search if study.search.activation_sampling == "grid" else tune.choice
         space[ACTIVATION_KEY] = sample(options)
     return space
-
-
-def representative_sample(study: StudyConfig) -> dict[str, Any]:
-    """A resolved Tune config: the first candidate of everything (the trial `--dry-run` shows)."""
-    sample = {item.key: item.distribution.candidates()[0] for item in study.search.searched()}
-    if study.search.activations:
-        sample[ACTIVATION_KEY] = _activation_value(study.search.activations[0],
-                                                   lambda distribution, _: distribution.candidates()[0])
-    return sample
-
-
-def trial_config(study: StudyConfig, sampled: dict[str, Any]) -> TrialConfig:
-    """The trial a resolved Tune config describes: `base` with the sampled values in place."""
-    values = study.base_values()
-    for key, value in sampled.items():
-        head, _, rest = key.partition(".")
-        if head in TRIAL_PATHS:
-            set_path(values, f"{TRIAL_PATHS[head]}.{rest}" if rest else TRIAL_PATHS[head], value)
-    activation = sampled.get(ACTIVATION_KEY)
-    if activation:
-        values["model"].update(activation=activation["name"], activation_params=dict(activation.get("params", {})))
-    if "compound_phi" in sampled:
-        _apply_compound_scaling(values["model"], sampled)
-    return validated(TrialConfig, values)
-
-
-def _apply_compound_scaling(model: dict[str, Any], sampled: dict[str, Any]) -> None:
-    """phi with the study's rule or alpha, beta, gamma, from the model's resolution (else the arch's) as phi=0."""
-    phi = sampled["compound_phi"]
-    if "compound_rule" in sampled:
-        alpha, beta, gamma = COMPOUND_RULES[sampled["compound_rule"]]
-    else:
-        alpha, beta, gamma = (sampled.get(key, default) for key, default in COMPOUND_DEFAULTS.items())
-    base_resolution = model["resolution"] or ARCHS[model["arch"]].scale.resolution
-    scaled = compound_scaling(phi, alpha, beta, gamma, base_resolution=base_resolution)
-    # ModelConfig applies EfficientNet's own alpha**phi and beta**phi for compound_phi (kept, it is what the study
-    # varies); the multipliers carry the difference to the study's alpha and beta.
-    model.update(compound_phi=phi, resolution=scaled.resolution,
-                 depth_mult=model["depth_mult"] * scaled.depth_mult / ALPHA**phi,
-                 width_mult=model["width_mult"] * scaled.width_mult / BETA**phi)
 
 
 def trial_params(trial: TrialConfig) -> dict[str, str | float | int]:
@@ -160,16 +104,11 @@ def optuna_space(study: StudyConfig) -> Callable[[Any], dict[str, Any]]:
         config = {item.key: item.distribution.suggest(trial, item.key) for item in searched}
         if entries:
             index = labels.index(trial.suggest_categorical(ACTIVATION_KEY, labels))
-            config[ACTIVATION_KEY] = _activation_value(
-                entries[index],
+            config[ACTIVATION_KEY] = entries[index].value(
                 lambda distribution, name: distribution.suggest(trial, f"{ACTIVATION_KEY}.{index}.{name}"))
         return config
 
     return define_by_run
-
-
-def _activation_value(entry: ActivationEntry, pick: Callable[[Distribution, str], Any]) -> dict[str, Any]:
-    return {"name": entry.name, "params": {name: pick(value, name) for name, value in entry.params.items()}}
 
 
 def describe_space(study: StudyConfig) -> str:
@@ -182,7 +121,7 @@ def describe_space(study: StudyConfig) -> str:
     lines += [f"  {item.key} ({item.path}): {item.distribution}" for item in search.searched()]
     if len(lines) == 2:
         lines.append("  nothing (every trial is the base)")
-    first = trial_config(study, representative_sample(study))
+    first = study.trial_config(study.representative_sample())
     lines.append("first trial: " + ", ".join(f"{key}={value}" for key, value in trial_params(first).items()))
     lines.append(f"  data: {first.data.train_path} (train), {first.data.eval_path} (eval)"
                  + (f", converted from {study.dataset.source} before the study" if study.dataset else ""))

@@ -4,13 +4,16 @@ where the data comes from (`dataset`).
 A study file is validated in full before anything starts: its structure (unknown keys answered with the
 accepted ones), every distribution, and every searched value in a complete trial config (`TrialConfig`), so a
 bad value surfaces at load time with its path in the file, e.g. `search.activations[1].params.beta`.
+
+Back from a sampled Tune config (search_spaces.space builds Tune's space from this schema), the trial it
+describes is `study.trial_config(config)`: `base` with the sampled values set in place.
 """
 from __future__ import annotations
 
 import hashlib
 import importlib.util
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -21,7 +24,6 @@ from pydantic import (BaseModel, ConfigDict, Field, PlainSerializer, PlainValida
 
 from search_spaces.distributions import Distribution, Grid, parse_distribution
 from search_spaces.paths import set_path
-from search_spaces.space import representative_sample, trial_config
 from trainers.activations import ACTIVATIONS, build_activation
 from trainers.attacks import AttackConfig
 from trainers.data.sources import SOURCE_FORMATS
@@ -35,6 +37,17 @@ PRESETS_DIR = Path(__file__).parent / "presets"
 FLOPS_GROWTH, FLOPS_GROWTH_TOLERANCE = 2.0, 0.1
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
+
+# A sampled Tune config's keys (flat and readable, see search_spaces.space) -> where they go in a TrialConfig.
+ACTIVATION_KEY = "activation"
+TRIAL_PATHS = {
+    "train_attack": "train.train_attack", "eval_attack": "train.eval_attack", "optimizer": "train.optimizer",
+    "epochs": "train.epochs", "seed": "train.seed",
+    "depth_mult": "model.depth_mult", "width_mult": "model.width_mult", "resolution": "model.resolution",
+    "compound_phi": "model.compound_phi", "compound_alpha": "model.compound_alpha",
+    "compound_beta": "model.compound_beta", "compound_gamma": "model.compound_gamma",
+}
+COMPOUND_COEFFICIENTS = ("compound_alpha", "compound_beta", "compound_gamma")
 
 # A study-file value: fixed, or a distribution (see search_spaces.distributions); dumps back to file syntax.
 Param = Annotated[Distribution, PlainValidator(parse_distribution), PlainSerializer(lambda value: value.to_spec())]
@@ -86,6 +99,10 @@ class ActivationEntry(BaseModel):
     @classmethod
     def _registered(cls, name: str) -> str:
         return one_of(name, ACTIVATIONS, "activation")
+
+    def value(self, pick: Callable[[Distribution, str], Any]) -> dict[str, Any]:
+        """The config value of this entry, each parameter resolved by `pick(distribution, name)`."""
+        return {"name": self.name, "params": {name: pick(value, name) for name, value in self.params.items()}}
 
     @field_validator("params")
     @classmethod
@@ -208,7 +225,7 @@ class TuneSettings(BaseModel):
     asha: AshaSettings = AshaSettings()
     searcher: Literal["random", "optuna"] = "random"
     max_concurrent_trials: int | None = Field(None, ge=1, description="None: as many as the cluster fits")
-    seed: int | None = Field(None, ge=0, description="seed of the searcher's sampling")
+    seed: int = Field(0, ge=0, description="seed of the searcher's sampling (random and Optuna)")
 
 
 @dataclass(frozen=True)
@@ -234,7 +251,7 @@ class DatasetSpec(BaseModel):
     eval_input_dir: str | None = Field(None, description="default: input_dir; image-folder needs its own")
     train_split: str | None = Field(None, description="default: the source's first split")
     eval_split: str | None = Field(None, description="default: 'test' where the source has one")
-    # The first N samples of each split (convert's `limit`): small, fast studies.
+    # A seeded, class-balanced subset of N samples of each split (convert's `limit`): small, fast studies.
     max_train_samples: int | None = Field(None, ge=1)
     max_eval_samples: int | None = Field(None, ge=1)
     cache_dir: str = "satscale_data"
@@ -271,7 +288,7 @@ class DatasetSpec(BaseModel):
 
     def _conversion(self, split: str, input_dir: str | None, limit: int | None) -> Conversion:
         # The name tells apart subsets and input folders, so studies can share a cache_dir.
-        parts = [self.source, split, *([str(limit)] if limit else []),
+        parts = [self.source, split, *([f"balanced{limit}"] if limit else []),
                  *([hashlib.sha1(input_dir.encode()).hexdigest()[:8]] if input_dir else [])]
         return Conversion(self.source, split, input_dir, limit, str(Path(self.cache_dir) / f"{'-'.join(parts)}.beton"))
 
@@ -321,6 +338,33 @@ class StudyConfig(BaseModel):
         asha = self.tune.asha
         return asha if asha.max_t else asha.model_copy(update={"max_t": self.max_epochs()})
 
+    def representative_sample(self) -> dict[str, Any]:
+        """A resolved Tune config: the first candidate of everything (the trial `--dry-run` shows)."""
+        sample = {item.key: item.distribution.candidates()[0] for item in self.search.searched()}
+        if self.search.activations:
+            first = self.search.activations[0]
+            sample[ACTIVATION_KEY] = first.value(lambda distribution, _: distribution.candidates()[0])
+        return sample
+
+    def trial_config(self, sampled: dict[str, Any]) -> TrialConfig:
+        """The trial a resolved Tune config describes: `base` with the sampled values in place. Other keys (a
+        searcher's bookkeeping, the orchestrator's own) are ignored."""
+        values = self.base_values()
+        for key, value in sampled.items():
+            head, _, rest = key.partition(".")
+            if head in TRIAL_PATHS:
+                set_path(values, f"{TRIAL_PATHS[head]}.{rest}" if rest else TRIAL_PATHS[head], value)
+        model = values["model"]
+        if "compound_rule" in sampled:
+            model.update(zip(COMPOUND_COEFFICIENTS, COMPOUND_RULES[sampled["compound_rule"]]))
+        if "compound_phi" in sampled and model["resolution"]:
+            # With phi searched, the base's resolution is the size phi grows, not a fixed one.
+            model.update(base_resolution=model["resolution"], resolution=None)
+        activation = sampled.get(ACTIVATION_KEY)
+        if activation:
+            model.update(activation=activation["name"], activation_params=dict(activation.get("params", {})))
+        return validated(TrialConfig, values)
+
 
 def _check_trials(study: StudyConfig) -> None:
     """Every activation's parameters, then every searched value, tried in a complete trial config. The
@@ -337,11 +381,11 @@ def _check_trials(study: StudyConfig) -> None:
                     raise ConfigError(f"search.activations[{index}].params.{name}: {error}") from None
         if not entry.params:
             build_activation(entry.name)  # e.g. relu_smooth_backward's defaults
-    sample = representative_sample(study)
+    sample = study.representative_sample()
     for searched in study.search.searched():
         for value in searched.distribution.candidates():
             try:
-                trial_config(study, {**sample, searched.key: value})
+                study.trial_config({**sample, searched.key: value})
             except ConfigError as error:
                 raise ConfigError(f"{searched.path}: {value!r} makes an invalid trial:\n{error}") from None
 
@@ -428,5 +472,5 @@ def _study_key(key: str) -> str:
     return f"base.{key}" if head in TrialConfig.model_fields and head not in StudyConfig.model_fields else key
 
 
-__all__ = ["ActivationEntry", "AshaSettings", "Conversion", "DatasetSpec", "ScalingSpace", "Searched", "SearchSpace",
-           "StudyConfig", "TuneSettings", "load_study", "parse_override", "preset_names"]
+__all__ = ["ACTIVATION_KEY", "ActivationEntry", "AshaSettings", "Conversion", "DatasetSpec", "ScalingSpace", "Searched",
+           "SearchSpace", "StudyConfig", "TuneSettings", "load_study", "parse_override", "preset_names"]

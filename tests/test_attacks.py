@@ -7,6 +7,7 @@ from trainers.attacks import AttackConfig, PGDAttacker
 from trainers.attacks.autoattack import autoattack_accuracy, build_autoattack
 from trainers.errors import ConfigError
 from trainers.models import build_model
+from trainers.seeding import stream_generator
 
 EPS = 0.1
 
@@ -71,18 +72,30 @@ def test_more_steps_never_weaken_the_attack(trained_digits_model, batch):
     assert accuracies[-1] < accuracies[0] - 0.1, accuracies
 
 
-def test_restarts_keep_the_worst_case(trained_digits_model, batch):
+def test_restarts_keep_the_worst_case_and_go_to_the_examples_still_standing(trained_digits_model, batch):
     images, labels = batch
     single = AttackConfig(eps=EPS, step_size=EPS / 4, steps=1, random_start=True)
-    torch.manual_seed(1)  # restarts draw their starts in sequence, like consecutive single runs
-    runs = [fooled(trained_digits_model, PGDAttacker(single).perturb(trained_digits_model, images, labels),
-                   labels) for _ in range(4)]
-    torch.manual_seed(1)
-    with_restarts = PGDAttacker(single.model_copy(update={"restarts": 4})).perturb(
-        trained_digits_model, images, labels)
-    any_run = torch.stack(runs).any(0)
-    assert torch.equal(fooled(trained_digits_model, with_restarts, labels), any_run)
-    assert any_run.sum() > max(run.sum() for run in runs)  # restarts did add examples here
+    # The same stream: the first restart draws exactly the single run's starts.
+    first = fooled(trained_digits_model, PGDAttacker(single, generator=stream_generator(1, "restarts")).perturb(
+        trained_digits_model, images, labels), labels)
+    restarted = fooled(trained_digits_model, PGDAttacker(
+        single.model_copy(update={"restarts": 4}), generator=stream_generator(1, "restarts")).perturb(
+        trained_digits_model, images, labels), labels)
+    assert restarted[first].all()  # what the first restart fooled stays fooled
+    assert restarted.sum() > first.sum()  # later restarts added examples here
+
+
+def test_an_evaluation_attack_stops_on_fooled_examples_without_changing_any_outcome(trained_digits_model, batch):
+    """Dropping an example once it is fooled is only a saving: each example, attacked on its own for every
+    step, ends fooled or not exactly as in the batch (no random start, so the trajectories are the same)."""
+    images, labels = batch[0][:48], batch[1][:48]
+    attack = PGDAttacker(AttackConfig(eps=EPS / 4, step_size=EPS / 16, steps=8, random_start=False, keep_best=True))
+    together = fooled(trained_digits_model, attack.perturb(trained_digits_model, images, labels), labels)
+    alone = torch.cat([fooled(trained_digits_model, attack.perturb(trained_digits_model, images[i:i + 1],
+                                                                   labels[i:i + 1]), labels[i:i + 1])
+                       for i in range(len(labels))])
+    assert torch.equal(together, alone)
+    assert 0 < together.sum() < len(labels)  # some fooled early, some never: both paths ran
 
 
 def test_attack_touches_no_parameter_gradient_and_restores_the_model(batch):

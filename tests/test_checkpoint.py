@@ -1,30 +1,12 @@
-"""Checkpoint files: safe to load, complete, and each rank's random stream resumes exactly."""
+"""Checkpoint files: safe to load and complete."""
 import pickle
-import random
 
-import numpy as np
 import pytest
 import torch
 
-from trainers.checkpoint import (STATE_FILE, load_rng_state, load_training_state, restore_rng_state,
-                                 save_rng_state, save_training_state)
+from trainers.checkpoint import STATE_FILE, load_training_state, save_training_state
 from trainers.models import build_model
 from trainers.training import OptimizerConfig, TrainConfig, build_optimizer, build_scheduler
-
-
-def draws():
-    return torch.rand(4), random.random(), float(np.random.rand())
-
-
-def test_rng_states_resume_every_stream(tmp_path):
-    torch.manual_seed(1), random.seed(1), np.random.seed(1)
-    save_rng_state(tmp_path, rank=3)
-    expected = draws()
-    draws()  # move every stream on
-    restore_rng_state(load_rng_state(tmp_path, rank=3))
-    again = draws()
-    assert torch.equal(expected[0], again[0]) and expected[1:] == again[1:]
-    assert load_rng_state(tmp_path, rank=4) is None  # a rank that did not write one
 
 
 def test_training_state_round_trip(tmp_path):

@@ -15,6 +15,7 @@ from PIL import Image
 
 from trainers.data.convert import WriteOptions, convert, main, page_size_for
 from trainers.data.sources import ImageFiles
+from trainers.data.subsets import balanced_subset
 from trainers.data.errors import SourceError
 from trainers.data.manifest import manifest_path, read_manifest
 
@@ -156,12 +157,20 @@ def test_fashion_mnist_round_trip_is_exact(tmp_path):
     np.testing.assert_array_equal(labels, expected_labels)
 
 
-def test_limit_writes_the_first_samples_only(tmp_path):
-    manifest = convert("fashion-mnist", tmp_path / "head.beton", split="train", options=ONE_WORKER, limit=50)
-    expected_labels = read_idx_independently(FASHION_MNIST / "train-labels-idx1-ubyte.gz", 8)[:50]
-    _, labels, _ = stored_samples(tmp_path / "head.beton")
-    assert manifest.num_samples == 50
-    np.testing.assert_array_equal(labels, expected_labels)
+def test_limit_writes_a_seeded_class_balanced_subset_of_a_class_sorted_source(tmp_path):
+    # Image folders come class by class: "the first 7" would be the first class and one image of the second.
+    classes = {name: list(smooth_images(6, 12, 12, seed=index)) for index, name in enumerate(["ant", "bee", "cat"])}
+    root = write_image_folder(tmp_path / "tree", classes)
+    manifest = convert("image-folder", tmp_path / "subset.beton", input_dir=root, options=ONE_WORKER, limit=7)
+    images, labels, indices = stored_samples(tmp_path / "subset.beton")
+    assert manifest.num_samples == 7 and manifest.source.subset == "balanced 7 of 18 (seed 0)"
+    assert sorted(np.bincount(labels, minlength=3)) == [2, 2, 3]  # as even as 7 over 3 classes can be
+    assert list(labels) == sorted(labels) and list(indices) == list(range(7))  # source order, positions 0..6
+    source = np.concatenate([np.stack(classes[name]) for name in ("ant", "bee", "cat")])
+    chosen = [next(k for k in range(18) if np.array_equal(source[k], image)) for image in images]
+    assert chosen == sorted(chosen) and len(set(chosen)) == 7  # distinct source images, kept in order
+    again = convert("image-folder", tmp_path / "again.beton", input_dir=root, options=ONE_WORKER, limit=7)
+    assert again.sha256 == manifest.sha256  # seeded: the same subset every time
 
 
 @pytest.mark.parametrize(("variant", "protocol"), [("cifar10", 2), ("cifar100", pickle.HIGHEST_PROTOCOL)])
@@ -403,3 +412,15 @@ def test_unknown_format_or_split_is_named(tmp_path, source_format, split, patter
     with pytest.raises(SourceError, match=pattern):
         convert(source_format, tmp_path / "x.beton", split=split, options=ONE_WORKER)
     assert_no_output(tmp_path)
+
+
+def test_balanced_subset_is_even_seeded_and_nested():
+    labels = np.repeat([0, 1, 2, 3], [50, 30, 5, 15])  # class-sorted and unequal
+    subset = balanced_subset(labels, 40, seed=1)
+    counts = np.bincount(labels[subset], minlength=4)
+    assert counts[2] == 5 and sorted(counts) == [5, 11, 12, 12]  # the small class gives all it has
+    assert np.array_equal(subset, np.sort(subset)) and len(set(subset)) == 40
+    assert np.array_equal(balanced_subset(labels, 40, seed=1), subset)
+    assert not np.array_equal(balanced_subset(labels, 40, seed=2), subset)
+    assert set(balanced_subset(labels, 20, seed=1)) <= set(subset)  # a smaller subset is part of a larger one
+    assert np.array_equal(balanced_subset(labels, 500), np.arange(100))

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -238,3 +240,21 @@ def test_two_ranks_see_each_sample_once_per_epoch(digits_betons, tmp_path):
         assert len(indices) - len(set(indices)) == padding
         shards_by_epoch.append([shard[0].tolist() for shard in shards])
     assert shards_by_epoch[0][0] != shards_by_epoch[1][0], "the shards must be reshuffled every epoch"
+
+
+def test_ffcv_leaves_the_callers_torch_thread_count_alone(digits_betons):
+    """FFCV sets torch's intra-op threads on import (to 1) and per Loader (to num_workers): evaluation in a fresh
+    process ran on one core because of it. A new process, so FFCV is imported for the first time."""
+    code = f"""
+import torch
+torch.set_num_threads(3)
+import orchestrator.runner  # imports the converters, hence FFCV
+from trainers.data.loader_config import LoaderConfig
+from trainers.data.loaders import build_train_loader
+loader = build_train_loader({str(digits_betons["train"])!r}, LoaderConfig(batch_size=64, resolution=16))
+next(iter(loader))
+print(torch.get_num_threads())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.strip().splitlines()[-1] == "3"

@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 
 from orchestrator.runner import TrackingUnavailableError, run_study
 from search_spaces.study import StudyConfig
-from trainers.checkpoint import STATE_FILE, load_training_state, rng_file
+from trainers.checkpoint import STATE_FILE, load_training_state
 from trainers.faults import FAULT_PLAN_VARIABLE, FaultPlan, Kill, fired_kills
 from trainers.training import lr_multiplier
 from trainers.trial import TrialConfig
@@ -91,8 +91,8 @@ def random_kill_plan(count: int, seed: int) -> FaultPlan:
         if point in ("attack", "optimizer_step"):
             occurrence = STEPS_PER_EPOCH + chooser.randint(1, STEPS_PER_EPOCH)
         elif point == "checkpoint_write":
-            # Rank 0 writes state.pt then rng_rank0.pt each epoch, other ranks only their RNG file.
-            occurrence = chooser.choice((3, 4)) if rank == 0 else 2
+            # Only rank 0 writes a file (state.pt, once per epoch; no RNG state): its second epoch's.
+            rank, occurrence = 0, 2
         else:
             occurrence = 1
         kills.append(Kill(point=point, rank=rank, occurrence=occurrence))
@@ -154,7 +154,7 @@ def test_sigkilled_workers_resume_from_the_last_complete_checkpoint(ray_cluster,
     assert [entry["metrics"]["epoch"] for entry in registered] == list(range(epochs))
     for entry in registered:
         checkpoint = run_dir / entry["checkpoint_dir_name"]
-        assert {path.name for path in checkpoint.iterdir()} == {STATE_FILE, *map(rng_file, range(NUM_WORKERS))}
+        assert {path.name for path in checkpoint.iterdir()} == {STATE_FILE}
         assert load_training_state(checkpoint)["epoch"] == entry["metrics"]["epoch"]
     assert not list(storage.rglob("*.partial"))  # a half-written file never left its worker
     # Each resume continued from the checkpoint's state: every epoch trained on all samples once, and ended on

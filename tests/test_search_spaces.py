@@ -3,6 +3,9 @@ define-by-run space, and the errors a bad study gets (with the key's path and th
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from ray import tune
@@ -10,9 +13,10 @@ from ray.tune.search.variant_generator import generate_variants
 
 from search_spaces.study import load_study, preset_names
 from search_spaces.space import (activation_labels, count_trials, describe_space, optuna_space, param_space,
-                                 trial_config, trial_params)
+                                 trial_params)
 from trainers.activations import activation_params
 from trainers.errors import ConfigError
+from trainers.models import ModelConfig
 from trainers.models.efficientnet import COMPOUND_RULES
 from trainers.trial import TrialConfig
 
@@ -33,7 +37,7 @@ def test_preset_samples_are_valid_trials(preset):
     study = load_study(preset)
     configs = sampled_configs(study)
     assert count_trials(study) == len(configs) == PRESET_TRIALS[preset]
-    trials = [trial_config(study, config) for config in configs]
+    trials = [study.trial_config(config) for config in configs]
     assert all(isinstance(trial, TrialConfig) for trial in trials)
     for trial in trials:
         # Activation params only where the activation takes them.
@@ -43,16 +47,16 @@ def test_preset_samples_are_valid_trials(preset):
 
 def test_default_preset_grid_covers_activations_and_widths():
     study = load_study("default")
-    trials = [trial_config(study, config) for config in sampled_configs(study)]
+    trials = [study.trial_config(config) for config in sampled_configs(study)]
     assert sorted({(trial.model.activation, trial.model.width_mult) for trial in trials}) == sorted(
         (activation, width) for activation in ("relu", "silu", "gelu", "softplus") for width in (0.125, 0.25))
-    assert {trial.data.train_path.rsplit("/", 1)[1] for trial in trials} == {"fashion-mnist-train-1600.beton"}
+    assert {trial.data.train_path.rsplit("/", 1)[1] for trial in trials} == {"fashion-mnist-train-balanced1600.beton"}
     assert study.asha_settings().max_t == 2 and study.tune.metric == "robust_acc"
 
 
 def test_activation_table_has_the_ablation_and_seeds():
     study = load_study("activation_table")
-    trials = [trial_config(study, config) for config in sampled_configs(study)]
+    trials = [study.trial_config(config) for config in sampled_configs(study)]
     ablation = {trial.model.activation_params["smooth_backward_in"] for trial in trials
                 if trial.model.activation == "relu_smooth_backward"}
     assert ablation == {"attack", "update", "both"}
@@ -64,7 +68,7 @@ def test_activation_table_has_the_ablation_and_seeds():
 
 def test_compound_scaling_preset_compares_rules_at_equal_flops():
     study = load_study("compound_scaling")
-    trials = [trial_config(study, config) for config in sampled_configs(study)]
+    trials = [study.trial_config(config) for config in sampled_configs(study)]
     assert len(trials) == 16 and {trial.model.activation for trial in trials} == {"relu", "parametric_softplus"}
     scales = {(trial.model.compound_phi, round(trial.model.scale.depth_mult, 4), round(trial.model.scale.width_mult, 4),
                trial.resolution) for trial in trials if trial.model.activation == "relu"}
@@ -93,13 +97,40 @@ def test_compound_scaling_with_own_coefficients():
     study = load_study("compound_scaling", ["search.scaling={mode: compound, phi: {grid: [2]}, alpha: 1.4, "
                                             "beta: 1.05, gamma: 1.1}"])
     (config,) = sampled_configs(study)[:1]
-    trial = trial_config(study, config)
+    trial = study.trial_config(config)
     assert trial.model.compound_phi == 2
     assert trial.model.scale.depth_mult == pytest.approx(1.4**2)
     assert trial.model.scale.width_mult == pytest.approx(1.05**2)
     assert trial.resolution == 40  # 32 * 1.1**2 = 38.7, rounded to a multiple of 8
     params = trial_params(trial)
     assert params["depth_mult"] == pytest.approx(1.96) and params["compound_phi"] == 2
+    # The model config carries the rule itself: the multipliers stay the base's, the base's resolution is what
+    # phi grows.
+    model = trial.model
+    assert (model.compound_alpha, model.compound_beta, model.compound_gamma) == (1.4, 1.05, 1.1)
+    assert (model.depth_mult, model.width_mult, model.base_resolution, model.resolution) == (1.0, 1.0, 32, None)
+
+
+def test_trial_configs_stored_before_the_model_carried_its_rule_still_read_the_same():
+    """Earlier versions stored a compound trial as EfficientNet's phi plus corrected multipliers and the scaled
+    resolution; such a config (from a checkpoint, say) describes the same network today."""
+    study = load_study("compound_scaling", ["search.scaling={mode: compound, phi: {grid: [1]}, rule: {grid: [depth]}}"])
+    trial = study.trial_config(sampled_configs(study)[0])
+    stored = {**trial.model.model_dump(mode="json", exclude={"compound_alpha", "compound_beta", "compound_gamma",
+                                                             "base_resolution"}),
+              "depth_mult": 2.0 / 1.2, "width_mult": 1.0 / 1.1, "resolution": 32}  # as the old space.py wrote it
+    old = ModelConfig.model_validate(stored)
+    assert old.scale.depth_mult == pytest.approx(trial.model.scale.depth_mult) == pytest.approx(2.0)
+    assert old.scale.width_mult == pytest.approx(trial.model.scale.width_mult) == pytest.approx(1.0)
+    assert old.scale.resolution == trial.model.scale.resolution == 32
+
+
+def test_the_study_schema_does_not_import_the_tune_space():
+    """Data flows one way: study config -> search space; search_spaces.study needs nothing of space.py."""
+    code = "import sys, search_spaces.study; print('search_spaces.space' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.strip() == "False"
 
 
 def test_overrides_reach_base_search_and_tune():
@@ -107,7 +138,7 @@ def test_overrides_reach_base_search_and_tune():
                                    "{beta: {uniform: [2, 8]}}}]", "tune.num_samples=3", "search.seed={grid: [0, 1]}"])
     assert study.base["train"]["epochs"] == 5 and study.asha_settings().max_t == 5
     assert count_trials(study) == 2 * 2 * 2 * 3
-    trials = [trial_config(study, config) for config in sampled_configs(study)]
+    trials = [study.trial_config(config) for config in sampled_configs(study)]
     assert len(trials) == 24 and {trial.train.epochs for trial in trials} == {5}
     betas = [trial.model.activation_params.get("beta") for trial in trials if trial.model.activation == "softplus"]
     assert len(betas) == 12 and all(2 <= beta <= 8 for beta in betas)
@@ -135,7 +166,7 @@ def test_study_file_and_fractions(tmp_path):
     assert count_trials(load_study(path)) == 1
     study = load_study(path, ["tune.num_samples=20"])
     for config in sampled_configs(study):
-        trial = trial_config(study, config)
+        trial = study.trial_config(config)
         assert trial.train.train_attack.eps in (pytest.approx(2 / 255), pytest.approx(8 / 255))
         assert 1 <= trial.train.train_attack.steps <= 3 and 0.01 <= trial.train.optimizer.lr <= 0.2
         assert 1 / 255 <= trial.train.eval_attack.eps <= 4 / 255
@@ -175,8 +206,8 @@ def test_optuna_define_by_run_asks_only_the_drawn_activations_params():
     relu_config, softplus_config = define_by_run(first), define_by_run(last)
     assert "activation.1.beta" not in first.asked and last.asked["activation.1.beta"] == ("float", 1, 20, True, None)
     assert first.asked["activation"] == ("categorical", tuple(activation_labels(study.search.activations)))
-    assert trial_config(study, relu_config).model.activation == "relu"
-    softplus = trial_config(study, softplus_config)
+    assert study.trial_config(relu_config).model.activation == "relu"
+    softplus = study.trial_config(softplus_config)
     assert softplus.model.activation_params == {"beta": 20} and softplus.train.optimizer.lr == 0.2
 
 
@@ -234,7 +265,7 @@ def test_dataset_conversions_name_subsets_and_need_separate_eval_data():
     study = load_study("default", ["dataset.max_eval_samples=300"])
     train, evaluation = study.dataset.conversions()
     assert (train.split, train.limit, evaluation.split, evaluation.limit) == ("train", 1600, "test", 300)
-    assert evaluation.path.endswith("/fashion-mnist-test-300.beton") and evaluation.path.startswith("/")
+    assert evaluation.path.endswith("/fashion-mnist-test-balanced300.beton") and evaluation.path.startswith("/")
     with pytest.raises(ConfigError, match="same data"):
         load_study("default", ["dataset={source: image-folder, input_dir: /images}"])
     both = load_study("default", ["dataset={source: image-folder, input_dir: /a, eval_input_dir: /b}"])

@@ -110,9 +110,17 @@ def test_study_submitted_as_a_ray_job_is_tracked_in_mlflow(ray_cluster, mlflow_s
     attacked = [run for run in evaluated.values() if "autoattack_acc" in run.data.metrics]
     assert 1 <= len(attacked) <= 2 and any(run.data.params["activation"] == "relu" for run in attacked)
     summary = (report_dir / "evaluation.md").read_text()
-    assert "| relu | 1 |" in summary and "AutoAttack (apgd)" in summary and "Gap (points)" in summary
+    assert "| relu | 1 |" in summary and "AutoAttack (apgd)" in summary and "Gap (points) [95 % CI]" in summary
+    assert "Paired differences to the baseline (relu" in summary and "| silu | relu | 1 | 96 |" in summary
     artifacts = {item.path for item in client.list_artifacts(parent.info.run_id, "evaluation")}
-    assert {"evaluation/evaluation.csv", "evaluation/evaluation.md", "evaluation/evaluation.png"} <= artifacts
+    assert {"evaluation/evaluation.csv", "evaluation/evaluation.md", "evaluation/evaluation.png",
+            "evaluation/comparisons.csv", "evaluation/outcomes.npz"} <= artifacts
+    silu = evaluated["silu"].data.metrics  # the configuration's paired difference to ReLU, with its interval
+    assert silu["pgd5x2_acc_diff_ci_low"] <= silu["pgd5x2_acc_diff"] <= silu["pgd5x2_acc_diff_ci_high"]
+    assert silu["pgd5x2_acc_ci_low"] <= silu["pgd5x2_acc"] <= silu["pgd5x2_acc_ci_high"]
+    assert "pgd5x2_acc_diff" not in evaluated["relu"].data.metrics  # the baseline is not compared with itself
+    parent = client.get_run(parent.info.run_id)
+    assert parent.data.metrics["pgd5x2_acc_diff/silu"] == pytest.approx(silu["pgd5x2_acc_diff"])
 
 
 def _wait_for_a_finished_trial(tracking_uri: str, name: str, driver: subprocess.Popen, timeout_s: float):
@@ -122,7 +130,9 @@ def _wait_for_a_finished_trial(tracking_uri: str, name: str, driver: subprocess.
             _, _, children = study_runs(tracking_uri, name)
         except AttributeError:  # the experiment does not exist yet
             children = []
-        finished = [run for run in children if run.data.tags.get("satscale.trial_state") == "finished"]
+        # Ended, not only tagged: the tracker tags the state, then ends the run.
+        finished = [run for run in children if run.data.tags.get("satscale.trial_state") == "finished"
+                    and run.info.end_time is not None]
         if finished:
             return finished
         time.sleep(1)

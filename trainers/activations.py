@@ -6,7 +6,8 @@ SAT's point is that only the activation changes, so models never name a layer cl
 The paper's ablation (Section 3) keeps ReLU in the forward pass and uses a smooth activation's derivative in
 the backward pass, either while the attacker computes input gradients, while the network update computes
 weight gradients, or both. `ReLUSmoothBackward` does that; the phase is chosen by the training loop with
-`activation_phase("attack")` / `activation_phase("update")`.
+`activation_phase("attack")` / `activation_phase("update")`. Evaluation attacks run with no phase
+(`activation_phase(None)`): they attack the model as it computes, with its true gradient, whatever the arm.
 """
 from __future__ import annotations
 
@@ -30,10 +31,11 @@ _current_phase: contextvars.ContextVar[Phase | None] = contextvars.ContextVar("s
 
 
 @contextlib.contextmanager
-def activation_phase(phase: Phase) -> Iterator[None]:
-    """Mark the code inside as the attack or the update phase (read by `ReLUSmoothBackward.forward`)."""
-    if phase not in _PHASES:
-        raise ConfigError(f"activation phase must be one of {list(_PHASES)}, got {phase!r}")
+def activation_phase(phase: Phase | None) -> Iterator[None]:
+    """Mark the code inside as the attack or the update phase (read by `ReLUSmoothBackward.forward`); None
+    marks it as neither, so every layer computes its true forward and backward."""
+    if phase is not None and phase not in _PHASES:
+        raise ConfigError(f"activation phase must be one of {list(_PHASES)} or None, got {phase!r}")
     token = _current_phase.set(phase)
     try:
         yield

@@ -1,9 +1,9 @@
 """Training checkpoints in a safe format: `torch.save` of tensors and plain Python values only, read back
 with `torch.load(weights_only=True)`, so a checkpoint from elsewhere cannot run code when loaded.
 
-A checkpoint directory holds `state.pt` (model, optimizer, scheduler, grad scaler, epoch; written by rank 0)
-and `rng_rank{R}.pt` (each rank's RNG states, so every rank resumes its own random stream). Files are written
-to a temporary name and renamed, so a process killed mid-write never leaves a truncated file behind.
+A checkpoint directory holds `state.pt` (model, optimizer, scheduler, grad scaler, epoch; written by rank 0).
+No RNG state: each epoch derives its random streams from the trial's seed (`trainers.seeding`). Files are
+written to a temporary name and renamed, so a process killed mid-write never leaves a truncated file behind.
 
 A finished model (`save_model`) is its description (`model.json`, a ModelConfig) and its weights
 (`weights.pt`, tensors only): `load_model` rebuilds it from the model registry, never from pickled code.
@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from trainers.errors import validated
@@ -27,10 +25,6 @@ STATE_FILE = "state.pt"
 MODEL_CONFIG_FILE, MODEL_WEIGHTS_FILE = "model.json", "weights.pt"
 
 
-def rng_file(rank: int) -> str:
-    return f"rng_rank{rank}.pt"
-
-
 def _atomic_save(value: Any, path: Path) -> None:
     partial = path.with_name(path.name + ".partial")
     torch.save(value, partial)
@@ -38,35 +32,9 @@ def _atomic_save(value: Any, path: Path) -> None:
     os.replace(partial, path)
 
 
-def capture_rng_state() -> dict[str, Any]:
-    """Python, NumPy, torch CPU and CUDA RNG states as tensors and plain values (weights_only-safe)."""
-    kind, keys, position, has_gauss, cached_gauss = np.random.get_state()
-    version, python_state, gauss = random.getstate()
-    return {
-        "python": [version, list(python_state), gauss],
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gauss],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    version, python_state, gauss = state["python"]
-    random.setstate((version, tuple(python_state), gauss))
-    kind, keys, position, has_gauss, cached_gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gauss))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def save_training_state(directory: Path, state: dict[str, Any]) -> None:
     """Write rank 0's training state (state dicts and the epoch just finished)."""
     _atomic_save(state, Path(directory) / STATE_FILE)
-
-
-def save_rng_state(directory: Path, rank: int) -> None:
-    _atomic_save(capture_rng_state(), Path(directory) / rng_file(rank))
 
 
 def load_training_state(directory: Path, map_location: torch.device | str = "cpu") -> dict[str, Any]:
@@ -75,12 +43,6 @@ def load_training_state(directory: Path, map_location: torch.device | str = "cpu
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: not a satscale checkpoint directory")
     return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def load_rng_state(directory: Path, rank: int) -> dict[str, Any] | None:
-    """This rank's RNG states, or None when the checkpoint came from a run with fewer ranks."""
-    path = Path(directory) / rng_file(rank)
-    return torch.load(path, weights_only=True) if path.is_file() else None
 
 
 def save_model(directory: Path, model: SATModel) -> None:

@@ -22,13 +22,13 @@ from ray.train.torch import TorchTrainer
 from ray.train.v2.api.callback import UserCallback
 from torch import nn
 
-from trainers.checkpoint import (load_rng_state, load_training_state, restore_rng_state, save_rng_state,
-                                 save_training_state)
+from trainers.checkpoint import load_training_state, save_training_state
 from trainers.errors import ConfigError
 from trainers.faults import maybe_fault
 from trainers.models import build_model_from_config
+from trainers.seeding import use_deterministic_algorithms
 from trainers.training import (all_reduce_sum, build_optimizer, build_scheduler, evaluate, optimize_for_device,
-                               seed_everything, train_one_epoch)
+                               train_one_epoch)
 from trainers.trial import TrialConfig
 
 
@@ -113,28 +113,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     if loaders.num_classes != trial.model.num_classes:
         raise ConfigError(f"model.num_classes is {trial.model.num_classes} but {trial.data.train_path} has "
                           f"{loaders.num_classes} classes; set model.num_classes: {loaders.num_classes}")
-    seed_everything(train_config.seed)  # identical initial weights on every rank
-    model = build_model_from_config(trial.model).to(device)
+    # FFCV's Loader set torch's thread count to its own workers; fix it from the config, so a trial's kernels
+    # (and their floating-point reduction order) do not depend on what the loader or the node chose.
+    torch.set_num_threads(trial.workers.torch_threads)
+    use_deterministic_algorithms(train_config.deterministic)
+    # The same initial weights on every rank, and in every trial with this seed and these parameter shapes.
+    model = build_model_from_config(trial.model, seed=train_config.seed).to(device)
     optimizer = build_optimizer(model, train_config.optimizer)
     scheduler = build_scheduler(optimizer, train_config, steps_per_epoch=len(loaders.train))
     scaler = torch.amp.GradScaler(device.type, enabled=train_config.amp == "fp16")
-    seed_everything(train_config.seed + rank)  # but each rank its own attack noise
 
+    # Every epoch re-derives its random streams from (seed, rank, epoch) (trainers.seeding), so a resume needs
+    # the model, optimizer, schedule and scaler only.
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state = load_training_state(Path(directory), map_location=device)
-            rng_state = load_rng_state(Path(directory), rank)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         start_epoch = state["epoch"] + 1
-        if rng_state is not None:
-            restore_rng_state(rng_state)
-        else:  # resumed with more ranks than wrote the checkpoint
-            seed_everything(train_config.seed + rank + 1000 * start_epoch)
         startup.trial_started_at = None  # a resumed run's overhead would include the epochs before it stopped
 
     runnable = ray.train.torch.prepare_model(optimize_for_device(model, train_config))
@@ -152,21 +152,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         shards = ShardRecorder(loaders.train.manifest.num_samples)
         metrics = {"epoch": epoch, "resolution": resolution, **batch_summary,
                    **train_one_epoch(runnable, startup.wrap(shards.wrap(loaders.train)), optimizer, scheduler,
-                                     train_config, device, scaler),
+                                     train_config, device, scaler, epoch),
                    **shards.summary(),
                    **(startup.metrics() if epoch == start_epoch else {}),
+                   # max_batches None: the eval loader already holds max_eval_batches' balanced subset.
                    **evaluate(runnable, loaders.eval, train_config.eval_attack, device,
-                              train_config.autocast_dtype, train_config.max_eval_batches,
-                              train_config.channels_last)}
+                              train_config.autocast_dtype, None, train_config.channels_last,
+                              train_config.seed, epoch)}
         with tempfile.TemporaryDirectory(prefix="satscale-ckpt-") as directory:
+            epoch_checkpoint = None
             if rank == 0:
                 save_training_state(Path(directory), {
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
                     "trial": trial.model_dump(mode="json"), "metrics": metrics})
-            save_rng_state(Path(directory), rank)
-            # Every rank reports (Train V2 treats report as a barrier); their directories are merged.
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
+                epoch_checkpoint = Checkpoint.from_directory(directory)
+            # Every rank reports (Train V2 treats report as a barrier); rank 0's report carries the checkpoint.
+            ray.train.report(metrics, checkpoint=epoch_checkpoint)
         maybe_fault("checkpoint_reported")
     digests = _all_ranks(parameters_digest(model))
     return {"final_metrics": metrics, "replicas_in_sync": len(set(digests)) == 1, "world_size": len(digests)}

@@ -4,17 +4,19 @@ Each step attacks the batch (BatchNorm in eval mode, input gradients only), then
 adversarial batch, optionally mixed with the clean one. SGD with Nesterov momentum, weight decay, label
 smoothing, warm-up then cosine or step decay. Loaders yield (images, labels): images (N, C, H, W) as uint8
 [0, 255] or float [0, 1]; a loader with `set_epoch(epoch)` (resolution schedules, samplers) is told the epoch.
+
+Randomness comes from streams of `config.seed` per rank and epoch (`trainers.seeding`): an epoch's dropout and
+attack starts do not depend on what ran before it, so a trial resumed at an epoch boundary continues exactly as
+an uninterrupted one. The initial weights are the model builder's: `build_model(..., seed=config.seed)`.
 """
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -23,6 +25,8 @@ from torch import nn
 from trainers.activations import activation_phase
 from trainers.attacks import AttackConfig, PGDAttacker
 from trainers.faults import maybe_fault
+# seed_everything is re-exported: the Python API imports it from here.
+from trainers.seeding import seed_epoch, seed_everything, stream_generator, use_deterministic_algorithms  # noqa: F401
 
 AMP_DTYPES: dict[str, torch.dtype | None] = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -72,8 +76,12 @@ class TrainConfig(BaseModel):
     # torch.compile the model (attack and update both run the compiled graph).
     compile: bool = False
     seed: int = Field(0, ge=0)
-    # Cap evaluation cost per epoch (None: the whole eval loader).
+    # Cap evaluation cost per epoch (None: the whole eval set). A trial's workers evaluate a seeded,
+    # class-balanced subset of this many batches' worth of images; `fit` the first batches of its loader.
     max_eval_batches: int | None = Field(None, ge=1)
+    # CUDA: deterministic kernels only (trainers.seeding.use_deterministic_algorithms). CPU runs are
+    # reproducible without it.
+    deterministic: bool = False
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainConfig:
@@ -85,13 +93,6 @@ class TrainConfig(BaseModel):
     @property
     def autocast_dtype(self) -> torch.dtype | None:
         return AMP_DTYPES[self.amp]
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (CPU and CUDA) so a run is reproducible on the same machine."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def lr_multiplier(step: int, steps_per_epoch: int, epochs: int, config: OptimizerConfig) -> float:
@@ -168,12 +169,22 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
+def _rank() -> int:
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return torch.distributed.get_rank() if distributed else 0
+
+
 def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, config: TrainConfig,
-                    device: torch.device, scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
-    """One pass over `loader`: attack each batch, then update on it. Returns the epoch's train metrics
-    (summed over ranks under torch.distributed)."""
-    attacker = PGDAttacker(config.train_attack, config.autocast_dtype) if config.train_attack else None
+                    device: torch.device, scaler: torch.amp.GradScaler | None = None,
+                    epoch: int = 0) -> dict[str, float]:
+    """One pass over `loader` (epoch `epoch`): attack each batch, then update on it. Returns the epoch's train
+    metrics (summed over ranks under torch.distributed)."""
+    rank = _rank()
+    seed_epoch(config.seed, rank, epoch)
+    attacker = PGDAttacker(config.train_attack, config.autocast_dtype, phase="attack",
+                           generator=stream_generator(config.seed, "train_attack", rank, epoch, device=device)
+                           ) if config.train_attack else None
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     weight = config.adv_loss_weight if attacker else 0.0
     smoothing = config.optimizer.label_smoothing
@@ -219,30 +230,48 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
     }
 
 
-def evaluate(model: nn.Module, loader: Iterable, attack: AttackConfig | None, device: torch.device,
-             autocast_dtype: torch.dtype | None = None, max_batches: int | None = None,
-             channels_last: bool = False) -> dict[str, float]:
-    """Clean accuracy and, with `attack`, accuracy under it (`robust_acc`); over all ranks' shards."""
-    attacker = PGDAttacker(attack, autocast_dtype) if attack else None
-    # Device-side counters: no host sync per batch on a GPU.
-    clean_correct = torch.zeros((), device=device, dtype=torch.long)
-    robust_correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
+def iter_outcomes(model: nn.Module, loader: Iterable, attack: AttackConfig | None, device: torch.device,
+                  autocast_dtype: torch.dtype | None = None, max_batches: int | None = None,
+                  channels_last: bool = False, generator: torch.Generator | None = None):
+    """Per batch of `loader`, whether each example is classified correctly clean and, with `attack`, robustly
+    (correct clean *and* under the attack, AutoAttack's convention, so robust never exceeds clean): two bool
+    tensors, the second None without an attack. The attack sees the model's true gradient (no activation
+    phase), whatever its activation."""
+    attacker = PGDAttacker(attack, autocast_dtype, phase=None, generator=generator) if attack else None
     model.eval()
     for batch_index, (images, labels, *_) in enumerate(loader):
         if max_batches is not None and batch_index >= max_batches:
             break
         images, labels = to_device(images, labels, device, channels_last)
         with torch.no_grad(), _autocast(device, autocast_dtype):
-            clean_correct += (model(images).argmax(dim=1) == labels).sum()
+            clean = model(images).argmax(dim=1) == labels
+        robust = None
         if attacker:
             adv_images = attacker.perturb(unwrap_parallel(model), images, labels)
             with torch.no_grad(), _autocast(device, autocast_dtype):
-                robust_correct += (model(adv_images).argmax(dim=1) == labels).sum()
-        seen += labels.shape[0]
+                robust = clean & (model(adv_images).argmax(dim=1) == labels)
+        yield clean, robust
+
+
+def evaluate(model: nn.Module, loader: Iterable, attack: AttackConfig | None, device: torch.device,
+             autocast_dtype: torch.dtype | None = None, max_batches: int | None = None,
+             channels_last: bool = False, seed: int = 0, epoch: int = 0) -> dict[str, float]:
+    """Clean accuracy and, with `attack`, accuracy under it (`robust_acc`); over all ranks' shards. The attack's
+    random starts come from the `eval_attack` stream of (`seed`, rank, `epoch`)."""
+    generator = stream_generator(seed, "eval_attack", _rank(), epoch, device=device)
+    # Device-side counters: no host sync per batch on a GPU.
+    clean_correct = torch.zeros((), device=device, dtype=torch.long)
+    robust_correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    for clean, robust in iter_outcomes(model, loader, attack, device, autocast_dtype, max_batches, channels_last,
+                                       generator):
+        clean_correct += clean.sum()
+        if robust is not None:
+            robust_correct += robust.sum()
+        seen += clean.numel()
     clean_correct, robust_correct, seen = global_sum(clean_correct, robust_correct, seen)
     metrics = {"clean_acc": clean_correct / max(seen, 1)}
-    if attacker:
+    if attack:
         metrics["robust_acc"] = robust_correct / max(seen, 1)
     return metrics
 
@@ -250,9 +279,10 @@ def evaluate(model: nn.Module, loader: Iterable, attack: AttackConfig | None, de
 def fit(model: nn.Module, train_loader: Iterable, eval_loader: Iterable | None, config: TrainConfig,
         device: torch.device | str | None = None,
         on_epoch_end: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
-    """Train `model` for `config.epochs` and return one metrics dict per epoch."""
+    """Train `model` for `config.epochs` and return one metrics dict per epoch. Build the model with
+    `seed=config.seed` for its initial weights to follow the config too."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    seed_everything(config.seed)
+    use_deterministic_algorithms(config.deterministic)
     optimizer = build_optimizer(model, config.optimizer)
     model = optimize_for_device(model.to(device), config)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch=len(train_loader))
@@ -263,10 +293,10 @@ def fit(model: nn.Module, train_loader: Iterable, eval_loader: Iterable | None, 
             if hasattr(loader, "set_epoch"):
                 loader.set_epoch(epoch)
         metrics = {"epoch": epoch, **train_one_epoch(model, train_loader, optimizer, scheduler, config,
-                                                     device, scaler)}
+                                                     device, scaler, epoch)}
         if eval_loader is not None:
             metrics.update(evaluate(model, eval_loader, config.eval_attack, device, config.autocast_dtype,
-                                    config.max_eval_batches, config.channels_last))
+                                    config.max_eval_batches, config.channels_last, config.seed, epoch))
         history.append(metrics)
         if on_epoch_end is not None:
             on_epoch_end(metrics)

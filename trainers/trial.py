@@ -18,7 +18,8 @@ from trainers.models import ModelConfig
 from trainers.training import TrainConfig
 
 # LoaderConfig fields a trial sets itself (from the model, the batch arithmetic and the worker count).
-_DERIVED_LOADER_FIELDS = frozenset({"batch_size", "resolution", "distributed", "seed", "progressive"})
+_DERIVED_LOADER_FIELDS = frozenset({"batch_size", "resolution", "distributed", "seed", "progressive",
+                                    "eval_samples"})
 # What each worker asks of its node's `accelerator_type:<name>` resource (Ray's ScalingConfig uses the same).
 ACCELERATOR_CONSTRAINT = 0.001
 
@@ -52,7 +53,7 @@ class DataConfig(BaseModel):
         derived = sorted(_DERIVED_LOADER_FIELDS & set(self.loader_options))
         if derived:
             raise ValueError(f"loader_options may not set {derived}: they come from the model, "
-                             "global_batch_size and workers")
+                             "global_batch_size, workers and train (seed, max_eval_batches)")
         validated(LoaderConfig, {"batch_size": 1, "resolution": 32, **self.loader_options},
                   prefix="data.loader_options")
         return self
@@ -78,6 +79,11 @@ class WorkersConfig(BaseModel):
 
         names = {value for name, value in vars(ray_accelerators).items() if name.isupper() and isinstance(value, str)}
         return one_of(accelerator_type, names, "accelerator type (Ray's names, case-sensitive)")
+
+    @property
+    def torch_threads(self) -> int:
+        """Intra-op threads per worker: its whole CPUs, at least one."""
+        return max(1, int(self.cpus_per_worker))
 
     def resources_per_worker(self) -> dict[str, float]:
         """One worker's Ray resources (its placement-group bundle)."""
@@ -142,8 +148,11 @@ class TrialConfig(BaseModel):
         return self.train.model_copy(update={"optimizer": optimizer})
 
     def loader_config(self) -> LoaderConfig:
+        """The workers' loaders; `train.max_eval_batches` becomes a class-balanced evaluation subset of that many
+        global batches' worth of images (the same images for every trial of a study)."""
+        eval_samples = self.train.max_eval_batches * self.global_batch_size if self.train.max_eval_batches else None
         return LoaderConfig(batch_size=self.per_worker_batch_size, resolution=self.resolution,
-                            distributed=self.workers.num_workers > 1, seed=self.train.seed,
+                            distributed=self.workers.num_workers > 1, seed=self.train.seed, eval_samples=eval_samples,
                             num_workers=self.data.loader_workers, progressive=self.data.progressive,
                             **self.data.loader_options)
 

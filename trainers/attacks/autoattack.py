@@ -51,17 +51,25 @@ def build_autoattack(model: nn.Module, norm: str, eps: float, num_classes: int,
     ])
 
 
-def autoattack_accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], norm: str,
+def autoattack_outcomes(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], norm: str,
                         eps: float, num_classes: int, version: AutoAttackVersion = "standard",
-                        seed: int = 0) -> float:
-    """Accuracy of `model` under AutoAttack over `batches` of ([0, 1] float images, labels), BatchNorm in eval
-    mode throughout."""
-    correct = seen = 0
+                        seed: int = 0) -> torch.Tensor:
+    """Per example of `batches` ([0, 1] float images, labels): correct clean *and* under AutoAttack (its own
+    convention: robust never exceeds clean), a bool tensor. BatchNorm in eval mode and the model's true gradient
+    (no activation phase) throughout."""
+    outcomes = []
     with attack_mode(model):
         attack = build_autoattack(model, norm, eps, num_classes, version, seed)
         for images, labels in batches:
             adversarial = attack(images, labels)
             with torch.no_grad():
-                correct += int((model(adversarial).argmax(dim=1) == labels).sum())
-            seen += labels.shape[0]
-    return correct / max(seen, 1)
+                clean = model(images).argmax(dim=1) == labels
+                outcomes.append(clean & (model(adversarial).argmax(dim=1) == labels))
+    return torch.cat(outcomes)
+
+
+def autoattack_accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], norm: str,
+                        eps: float, num_classes: int, version: AutoAttackVersion = "standard",
+                        seed: int = 0) -> float:
+    """The share of `batches` correct clean and under AutoAttack."""
+    return float(autoattack_outcomes(model, batches, norm, eps, num_classes, version, seed).float().mean())

@@ -2,6 +2,11 @@
 
 While attacking, the model runs with BatchNorm on running statistics (eval mode), and no parameter
 requires grad, so the backward pass computes input gradients only: SAT's recipe and a large saving.
+
+The training attack runs in the "attack" activation phase (the ablation's surrogate gradient applies there);
+an evaluation attack runs in no phase: it attacks every model through its true gradient, the same way for
+every arm. Random starts and clean-start choices draw from the attacker's `generator` (a seeded stream per
+epoch in the training loop), so trials with the same seed see the same starts.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
-from trainers.activations import activation_phase
+from trainers.activations import Phase, activation_phase
 from trainers.attacks.threat_models import THREAT_MODELS, ThreatModel
 
 
@@ -71,14 +76,15 @@ class AttackConfig(BaseModel):
 
 
 @contextlib.contextmanager
-def attack_mode(model: nn.Module) -> Iterator[None]:
-    """Eval-mode BatchNorm, frozen parameters and the "attack" activation phase; restored on exit."""
+def attack_mode(model: nn.Module, phase: Phase | None = None) -> Iterator[None]:
+    """Eval-mode BatchNorm, frozen parameters and the activation `phase` (None: the model's true gradient);
+    restored on exit."""
     was_training = model.training
     requires_grad = [param.requires_grad for param in model.parameters()]
     model.eval()
     model.requires_grad_(False)
     try:
-        with activation_phase("attack"):
+        with activation_phase(phase):
             yield
     finally:
         model.train(was_training)
@@ -106,31 +112,54 @@ def _stronger(best: _Candidate | None, candidate: _Candidate) -> _Candidate:
                       torch.where(better, candidate.objective, best.objective))
 
 
+def _stronger_at(best: _Candidate | None, candidate: _Candidate, index: torch.Tensor) -> _Candidate:
+    """`_stronger` for the examples `index` of `best` (a whole batch), `candidate` holding just those; the
+    first candidate of a batch covers all of it."""
+    if best is None:
+        return candidate
+    chosen = _stronger(_Candidate(best.images[index], best.fooled[index], best.objective[index]), candidate)
+    best.images[index], best.fooled[index], best.objective[index] = chosen.images, chosen.fooled, chosen.objective
+    return best
+
+
 class PGDAttacker:
     """Projected gradient descent on the cross-entropy loss.
 
     `perturb` returns adversarial images. With `restarts > 1` (and, with `keep_best`, across iterates) it
     keeps, per example, the worst case for the model: fooling it beats not fooling it, then higher loss wins.
+    An evaluation attack stops attacking an example once it is fooled (with `keep_best`, from the iterate
+    that fooled it; later restarts go to the examples not fooled yet): its outcome can no longer change, and
+    the model, in eval mode, treats every example on its own. AutoAttack does the same; on a robust model most
+    of the cost goes to the examples that resist.
     `autocast_dtype` (torch.bfloat16/float16) runs the model under autocast; the images stay fp32.
+    `phase`: "attack" for the training attack (the ablation's surrogate gradient), None to evaluate.
+    `generator`: where random starts, clean starts and random targets come from (None: torch's global RNG).
     """
 
-    def __init__(self, config: AttackConfig, autocast_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, config: AttackConfig, autocast_dtype: torch.dtype | None = None, phase: Phase | None = None,
+                 generator: torch.Generator | None = None) -> None:
         self.config = config
         self.threat: ThreatModel = THREAT_MODELS[config.norm](config.eps)
         self.autocast_dtype = autocast_dtype
+        self.phase = phase
+        self.generator = generator
 
     def perturb(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                 target_labels: torch.Tensor | None = None) -> torch.Tensor:
         images = images.detach()
         if self.config.eps == 0:
             return images.clone()
-        with attack_mode(model):
+        with attack_mode(model, self.phase):
             if self.config.targeted and target_labels is None:
                 target_labels = self._random_targets(model, images, labels)
             attacked_labels = target_labels if self.config.targeted else labels
-            best = None
-            for _ in range(self.config.restarts):
-                best = _stronger(best, self._run(model, images, labels, attacked_labels))
+            best = self._run(model, images, labels, attacked_labels)
+            for _ in range(self.config.restarts - 1):
+                remaining = torch.nonzero(~best.fooled).view(-1)
+                if remaining.numel() == 0:
+                    break
+                best = _stronger_at(best, self._run(model, images[remaining], labels[remaining],
+                                                    attacked_labels[remaining]), remaining)
             return best.images
 
     def _logits(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -152,29 +181,46 @@ class PGDAttacker:
     def _run(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
              attacked_labels: torch.Tensor) -> _Candidate:
         config = self.config
-        adv_images = self.threat.random_start(images) if config.random_start else images.clone()
+        adv_images = self.threat.random_start(images, self.generator) if config.random_start else images.clone()
         if config.random_start and config.clean_start_prob > 0:
-            from_clean = torch.rand(images.shape[0], device=images.device) < config.clean_start_prob
+            from_clean = torch.rand(images.shape[0], device=images.device,
+                                    generator=self.generator) < config.clean_start_prob
             adv_images = torch.where(from_clean.view(-1, *([1] * (images.dim() - 1))), images, adv_images)
-        best = None
+        if not config.keep_best:
+            for _ in range(config.steps):
+                adv_images = self._step(model, adv_images, images, attacked_labels)[0]
+            if config.restarts == 1:
+                return _Candidate(adv_images)  # training: no scoring pass needed
+            with torch.no_grad():
+                return self._scored(adv_images, self._logits(model, adv_images), labels, attacked_labels)
+        best, active = None, torch.arange(images.shape[0], device=images.device)  # the examples not fooled yet
         for _ in range(config.steps):
-            adv_images.requires_grad_(True)
-            logits = self._logits(model, adv_images)
-            objective = self._objective(logits, attacked_labels)
-            if config.keep_best:
-                best = _stronger(best, self._scored(adv_images, logits, labels, attacked_labels))
-            # Summed, so each example's gradient is independent of the batch size.
-            (grad,) = torch.autograd.grad(objective.sum(), adv_images)
-            adv_images = self.threat.project(
-                self.threat.step(adv_images.detach(), grad, config.step_size), images)
-        if not (config.keep_best or config.restarts > 1):
-            return _Candidate(adv_images)  # training: no scoring pass needed
+            stepped, scored = self._step(model, adv_images[active], images[active], attacked_labels[active],
+                                         labels[active])
+            best = _stronger_at(best, scored, active)
+            adv_images[active] = stepped
+            active = active[~scored.fooled]
+            if active.numel() == 0:
+                return best
         with torch.no_grad():
-            final = self._scored(adv_images, self._logits(model, adv_images), labels, attacked_labels)
-        return _stronger(best, final)
+            final = adv_images[active]
+            return _stronger_at(best, self._scored(final, self._logits(model, final), labels[active],
+                                                   attacked_labels[active]), active)
+
+    def _step(self, model: nn.Module, adv_images: torch.Tensor, images: torch.Tensor, attacked_labels: torch.Tensor,
+              labels: torch.Tensor | None = None) -> tuple[torch.Tensor, _Candidate | None]:
+        """One PGD step from `adv_images`; with `labels`, also the outcome of the iterate it started from."""
+        adv_images = adv_images.detach().requires_grad_(True)
+        logits = self._logits(model, adv_images)
+        objective = self._objective(logits, attacked_labels)
+        scored = self._scored(adv_images, logits, labels, attacked_labels) if labels is not None else None
+        # Summed, so each example's gradient is independent of the batch size.
+        (grad,) = torch.autograd.grad(objective.sum(), adv_images)
+        stepped = self.threat.step(adv_images.detach(), grad, self.config.step_size)
+        return self.threat.project(stepped, images), scored
 
     @torch.no_grad()
     def _random_targets(self, model, images, labels) -> torch.Tensor:
         num_classes = self._logits(model, images[:1]).shape[1]
-        offsets = torch.randint(1, num_classes, labels.shape, device=labels.device)
+        offsets = torch.randint(1, num_classes, labels.shape, device=labels.device, generator=self.generator)
         return (labels + offsets) % num_classes

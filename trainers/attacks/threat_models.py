@@ -20,8 +20,9 @@ class ThreatModel(ABC):
         self.eps = eps
 
     @abstractmethod
-    def random_start(self, images: torch.Tensor) -> torch.Tensor:
-        """A uniformly random point of the eps-ball around `images`, inside [0, 1]."""
+    def random_start(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A uniformly random point of the eps-ball around `images`, inside [0, 1], drawn from `generator`
+        (torch's global RNG when None)."""
 
     @abstractmethod
     def step(self, adv_images: torch.Tensor, grad: torch.Tensor, step_size: float) -> torch.Tensor:
@@ -33,8 +34,8 @@ class ThreatModel(ABC):
 
 
 class LinfThreat(ThreatModel):
-    def random_start(self, images):
-        noise = torch.empty_like(images).uniform_(-self.eps, self.eps)
+    def random_start(self, images, generator=None):
+        noise = torch.empty_like(images).uniform_(-self.eps, self.eps, generator=generator)
         return (images + noise).clamp(0, 1)
 
     def step(self, adv_images, grad, step_size):
@@ -46,12 +47,12 @@ class LinfThreat(ThreatModel):
 
 
 class L2Threat(ThreatModel):
-    def random_start(self, images):
+    def random_start(self, images, generator=None):
         # Uniform in the ball: a Gaussian direction, radius eps * u^(1/d).
-        direction = torch.randn_like(images)
+        direction = torch.empty_like(images).normal_(generator=generator)
         direction = direction / _per_example_norm(direction)
         dims = images[0].numel()
-        radius = self.eps * torch.rand(images.shape[0], device=images.device) ** (1.0 / dims)
+        radius = self.eps * torch.rand(images.shape[0], device=images.device, generator=generator) ** (1.0 / dims)
         return self.project(images + direction * radius.view(-1, *([1] * (images.dim() - 1))), images)
 
     def step(self, adv_images, grad, step_size):

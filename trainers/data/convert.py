@@ -14,16 +14,21 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from ffcv.fields import IntField, RGBImageField
-from ffcv.fields.rgb_image import encode_jpeg, resizer
-from ffcv.reader import Reader
-from ffcv.writer import DatasetWriter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from trainers.data import torch_threads_kept
+
+with torch_threads_kept():  # FFCV's first import sets torch's thread count (trainers/data/__init__.py)
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.fields.rgb_image import encode_jpeg, resizer
+    from ffcv.reader import Reader
+    from ffcv.writer import DatasetWriter
 
 from trainers.data.errors import DataError, SourceError
 from trainers.data.manifest import (ImageExtent, Manifest, SourceInfo, manifest_path, partial_path, sha256_file,
                                     write_manifest)
 from trainers.data.sources import SOURCE_FORMATS, SourceData, read_source
+from trainers.data.subsets import balanced_subset
 
 IMAGE_FIELD, LABEL_FIELD, INDEX_FIELD = "image", "label", "index"
 MIN_PAGE_SIZE_BYTES = 1 << 21      # FFCV's smallest page
@@ -65,28 +70,29 @@ class _WriterSamples:
 
     _placeholder = np.zeros((1, 1, 3), dtype=np.uint8)
 
-    def __init__(self, data: SourceData, num_samples: int, options: WriteOptions, page_size: int) -> None:
+    def __init__(self, data: SourceData, chosen: np.ndarray, options: WriteOptions, page_size: int) -> None:
         self.data = data
-        self.num_samples = num_samples
+        self.chosen = chosen  # the source samples to write, in order; sample i of the .beton is chosen[i]
         self.options = options
         self.page_size = page_size
         self.first_failure = multiprocessing.Value("q", -1)
 
     def __len__(self) -> int:
-        return self.num_samples
+        return len(self.chosen)
 
     def sample(self, index: int) -> tuple[np.ndarray, int, int]:
         """(RGB image as it will be stored, label, index); raises on a bad sample."""
-        image = resizer(as_rgb(np.asarray(self.data.images[index])), self.options.max_resolution)
+        source_index = int(self.chosen[index])
+        image = resizer(as_rgb(np.asarray(self.data.images[source_index])), self.options.max_resolution)
         if image.dtype != np.uint8:
-            raise SourceError(f"sample {index} is {image.dtype}; images must be uint8")
+            raise SourceError(f"sample {source_index} is {image.dtype}; images must be uint8")
         if image.nbytes > self.page_size and (self.options.write_mode != "jpg" or
                                               encode_jpeg(image, self.options.jpeg_quality).nbytes > self.page_size):
             # FFCV's writer would fail inside a worker process (and hang, see the class docstring).
-            raise SourceError(f"sample {index} is {image.shape[1]}x{image.shape[0]}, too large for a "
+            raise SourceError(f"sample {source_index} is {image.shape[1]}x{image.shape[0]}, too large for a "
                               f"{self.page_size >> 20} MiB page in {self.options.write_mode} mode; "
                               "set max_resolution")
-        return image, int(self.data.labels[index]), index
+        return image, int(self.data.labels[source_index]), index
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int, int]:
         try:
@@ -133,8 +139,9 @@ def _stored_extent(beton_path: Path) -> ImageExtent:
 
 def convert(source_format: str, output: Path, *, input_dir: Path | None = None, split: str | None = None,
             options: WriteOptions | None = None, limit: int | None = None) -> Manifest:
-    """Write ``source_format``'s ``split`` (the first ``limit`` samples, when given) to ``output`` and its
-    manifest next to it; returns the manifest. Raises SourceError on bad input, leaving no file behind."""
+    """Write ``source_format``'s ``split`` to ``output`` and its manifest next to it; returns the manifest. With
+    ``limit``, a class-balanced subset of that many samples, seeded (``subsets.balanced_subset``, seed 0), in
+    source order. Raises SourceError on bad input, leaving no file behind."""
     options = options or WriteOptions()
     output = Path(output)
     data = read_source(source_format, input_dir, split)
@@ -143,7 +150,8 @@ def convert(source_format: str, output: Path, *, input_dir: Path | None = None, 
     if limit is not None and limit < 1:
         raise SourceError(f"{origin}: limit must be at least 1, got {limit}")
     page_size = page_size_for(data.images, options.max_resolution)
-    samples = _WriterSamples(data, min(limit or len(data.labels), len(data.labels)), options, page_size)
+    chosen = balanced_subset(data.labels, limit) if limit else np.arange(len(data.labels))
+    samples = _WriterSamples(data, chosen, options, page_size)
     output.parent.mkdir(parents=True, exist_ok=True)
     temporary = partial_path(output)
     try:
@@ -163,7 +171,8 @@ def convert(source_format: str, output: Path, *, input_dir: Path | None = None, 
             resolution=_stored_extent(temporary), fields=tuple(fields), write_mode=options.write_mode,
             jpeg_quality=options.jpeg_quality, max_resolution=options.max_resolution,
             source=SourceInfo(format=source_format, split=chosen_split,
-                              path=str(input_dir or SOURCE_FORMATS[source_format].default_root or "bundled")))
+                              path=str(input_dir or SOURCE_FORMATS[source_format].default_root or "bundled"),
+                              subset=f"balanced {len(chosen)} of {len(data.labels)} (seed 0)" if limit else None))
         # An old manifest must never describe the new file, even if we die between the two renames.
         manifest_path(output).unlink(missing_ok=True)
         os.replace(temporary, output)
@@ -188,7 +197,7 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--jpeg-quality", type=int, default=90)
         sub.add_argument("--compress-probability", type=float, default=0.5, help="share JPEG-compressed "
                          "with --write-mode proportion")
-        sub.add_argument("--limit", type=int, default=None, help="write only the first N samples")
+        sub.add_argument("--limit", type=int, default=None, help="write a class-balanced subset of N samples (seeded)")
         sub.add_argument("--workers", type=int, default=visible_cpu_count())
         sub.add_argument("--upload", default=None, metavar="s3://BUCKET/KEY.beton",
                          help="then upload the file and its manifest (endpoint and credentials: AWS environment)")

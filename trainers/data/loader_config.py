@@ -54,6 +54,8 @@ class LoaderConfig(BaseModel):
     batch_size: int = Field(ge=1)
     resolution: int = Field(ge=1, description="final training side length in pixels")
     eval_resolution: int | None = Field(default=None, ge=1, description="default: resolution")
+    eval_samples: int | None = Field(default=None, ge=1, description="evaluate a seeded, class-balanced subset "
+                                     "of this many samples (the same for every trial); default: all")
     progressive: ProgressiveResizing | None = None
     train_crop: TrainCrop = "random_resized_crop"
     eval_crop: EvalCrop = "center_crop"

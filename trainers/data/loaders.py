@@ -9,7 +9,11 @@ FFCV 1.0.2 traps handled here:
 - ``NormalizeImage`` after ``ToTensor`` hangs the constructor on CPU, so no normalization happens here;
 - ``Squeeze()`` turns a final batch of one into a 0-d tensor, so labels use ``Squeeze(1)``;
 - QUASI_RANDOM order raises NotImplementedError with ``distributed=True``: rejected when the config is made;
-- ``num_workers`` above the visible cores fails, and the Loader sets torch's intra-op thread count to it.
+- ``num_workers`` above the visible cores fails, and the Loader sets torch's intra-op thread count to it when
+  built and at every epoch: restored here (``trainers.data.torch_threads_kept``), so the caller's thread count,
+  and a trial's kernels, stay its own;
+- its random crops and flips ignore ``seed=``: the training augmentations here are ``trainers.data.augment``'s
+  seeded ones, so a loader's batches are a function of (file, config, epoch).
 """
 from __future__ import annotations
 
@@ -20,18 +24,23 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed
-from ffcv.fields.basics import IntDecoder
-from ffcv.fields.rgb_image import (CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder,
-                                   ResizedCropRGBImageDecoder)
-from ffcv.loader import Loader, OrderOption
-from ffcv.reader import Reader
-from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToTensor, ToTorchImage
 
+from trainers.data import torch_threads_kept
+
+with torch_threads_kept():  # FFCV's first import sets torch's thread count (trainers/data/__init__.py)
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, ResizedCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.reader import Reader
+    from ffcv.transforms import Squeeze, ToTensor, ToTorchImage
+
+from trainers.data.augment import EpochKey, SeededHorizontalFlip, SeededRandomResizedCropDecoder
 from trainers.data.convert import IMAGE_FIELD, INDEX_FIELD, LABEL_FIELD, visible_cpu_count
 from trainers.data.errors import LoaderConfigError, ManifestError
 from trainers.data.loader_config import LoaderConfig
 from trainers.data.manifest import Manifest, read_manifest, verify_file
 from trainers.data.s3 import check_remote_dataset, is_s3_uri, stage_dataset
+from trainers.data.subsets import balanced_subset
 
 _ORDERS = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM,
            "sequential": OrderOption.SEQUENTIAL}
@@ -54,11 +63,11 @@ class ResizeRGBImageDecoder(ResizedCropRGBImageDecoder):
         return _whole_image
 
 
-_DECODERS: Mapping[str, Callable[[tuple[int, int], LoaderConfig], ResizedCropRGBImageDecoder]] = {
-    "random_resized_crop": lambda size, config: RandomResizedCropRGBImageDecoder(
-        size, scale=config.crop_scale, ratio=config.crop_ratio),
-    "center_crop": lambda size, config: CenterCropRGBImageDecoder(size, ratio=config.center_crop_ratio),
-    "resize": lambda size, _config: ResizeRGBImageDecoder(size),
+_DECODERS: Mapping[str, Callable[[tuple[int, int], LoaderConfig, EpochKey], ResizedCropRGBImageDecoder]] = {
+    "random_resized_crop": lambda size, config, key: SeededRandomResizedCropDecoder(
+        size, key, scale=config.crop_scale, ratio=config.crop_ratio),
+    "center_crop": lambda size, config, _key: CenterCropRGBImageDecoder(size, ratio=config.center_crop_ratio),
+    "resize": lambda size, _config, _key: ResizeRGBImageDecoder(size),
 }
 
 
@@ -66,15 +75,17 @@ class EpochLoader:
     """An FFCV Loader whose output resolution follows ``resolution_at(epoch)``.
 
     Iterating runs the loader's next epoch (0, 1, ... unless ``set_epoch`` said otherwise, e.g. on resume);
-    the epoch picks both the resolution and, like DistributedSampler.set_epoch, the shuffle. Changing the
-    decoder's ``output_size`` between epochs needs no recompilation: FFCV allocates buffers per epoch."""
+    the epoch picks the resolution, the augmentations' key and, like DistributedSampler.set_epoch, the
+    shuffle. Changing the decoder's ``output_size`` between epochs needs no recompilation: FFCV allocates
+    buffers per epoch."""
 
     def __init__(self, loader: Loader, decoder: ResizedCropRGBImageDecoder,
-                 resolution_at: Callable[[int], int], manifest: Manifest) -> None:
+                 resolution_at: Callable[[int], int], manifest: Manifest, augment_key: EpochKey) -> None:
         self.loader = loader
         self.decoder = decoder
         self.resolution_at = resolution_at
         self.manifest = manifest
+        self.augment_key = augment_key
 
     @property
     def next_epoch(self) -> int:
@@ -90,7 +101,9 @@ class EpochLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         self.decoder.output_size = (self.resolution, self.resolution)
-        return iter(self.loader)
+        self.augment_key.set_epoch(self.loader.next_epoch)
+        with torch_threads_kept():
+            return iter(self.loader)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -136,9 +149,7 @@ def check_dataset(path: str | Path) -> Manifest:
         return check_remote_dataset(str(path))
     local = Path(path)
     manifest = _local_manifest(local, check_sha256=True)
-    reader = Reader(str(local))
-    # IntField values live in the file's metadata table: reading the labels decodes no image.
-    labels = reader.metadata[f"f{reader.field_names.index(LABEL_FIELD)}"]
+    labels = read_labels(local)
     out_of_range = np.flatnonzero((labels < 0) | (labels >= manifest.num_classes))
     if out_of_range.size:
         first = int(out_of_range[0])
@@ -146,6 +157,12 @@ def check_dataset(path: str | Path) -> Manifest:
                             f"manifest's {manifest.num_classes} classes, e.g. sample {first} has label "
                             f"{int(labels[first])}; re-convert the data set with satscale-convert")
     return manifest
+
+
+def read_labels(local: Path) -> np.ndarray:
+    """Every sample's label; IntField values live in the file's metadata table, so no image is decoded."""
+    reader = Reader(str(local))
+    return reader.metadata[f"f{reader.field_names.index(LABEL_FIELD)}"]
 
 
 def _check_process(config: LoaderConfig) -> None:
@@ -163,22 +180,27 @@ def _scalar_pipeline() -> list:
 
 
 def _build(path: str | Path, config: LoaderConfig, *, crop: str, resolution_at: Callable[[int], int],
-           order: OrderOption, flip_probability: float, drop_last: bool, with_indices: bool) -> EpochLoader:
+           order: OrderOption, flip_probability: float, drop_last: bool, with_indices: bool,
+           subset_size: int | None = None) -> EpochLoader:
     _check_process(config)
     local, manifest = open_dataset(path, config.cache_dir)
     size = resolution_at(0)
-    decoder = _DECODERS[crop]((size, size), config)
-    flip = [RandomHorizontalFlip(flip_probability)] if flip_probability > 0 else []
-    loader = Loader(str(local), batch_size=config.batch_size, num_workers=config.num_workers, order=order,
-                    distributed=config.distributed, seed=config.seed, drop_last=drop_last,
-                    batches_ahead=config.batches_ahead, os_cache=config.os_cache,
-                    pipelines={IMAGE_FIELD: [decoder, *flip, ToTensor(), ToTorchImage(channels_last=False)],
-                               LABEL_FIELD: _scalar_pipeline(),
-                               INDEX_FIELD: _scalar_pipeline() if with_indices else None})
+    key = EpochKey(config.seed)
+    decoder = _DECODERS[crop]((size, size), config, key)
+    flip = [SeededHorizontalFlip(flip_probability, key)] if flip_probability > 0 else []
+    # Seed 0, not the trial's: every trial of a study evaluates the same images, so they pair over images.
+    indices = balanced_subset(read_labels(local), subset_size) if subset_size else None
+    with torch_threads_kept():
+        loader = Loader(str(local), batch_size=config.batch_size, num_workers=config.num_workers, order=order,
+                        distributed=config.distributed, seed=config.seed, drop_last=drop_last, indices=indices,
+                        batches_ahead=config.batches_ahead, os_cache=config.os_cache,
+                        pipelines={IMAGE_FIELD: [decoder, *flip, ToTensor(), ToTorchImage(channels_last=False)],
+                                   LABEL_FIELD: _scalar_pipeline(),
+                                   INDEX_FIELD: _scalar_pipeline() if with_indices else None})
     if loader.reader.num_samples != manifest.num_samples:
         raise ManifestError(f"{local} holds {loader.reader.num_samples} samples but its manifest says "
                             f"{manifest.num_samples}; re-convert or re-stage it")
-    return EpochLoader(loader, decoder, resolution_at, manifest)
+    return EpochLoader(loader, decoder, resolution_at, manifest, key)
 
 
 def build_train_loader(path: str | Path, config: LoaderConfig, *, with_indices: bool = False) -> EpochLoader:
@@ -189,11 +211,13 @@ def build_train_loader(path: str | Path, config: LoaderConfig, *, with_indices: 
 
 
 def build_eval_loader(path: str | Path, config: LoaderConfig, *, with_indices: bool = False) -> EpochLoader:
-    """Sequential, every sample kept, no flips, at the fixed evaluation resolution. With distributed=True each
-    rank reads its shard, padded like DistributedSampler (up to world_size - 1 repeated samples)."""
+    """Sequential, no flips, at the fixed evaluation resolution: every sample, or with ``config.eval_samples`` a
+    class-balanced subset that is the same for every trial. With distributed=True each rank reads its shard,
+    padded like DistributedSampler (up to world_size - 1 repeated samples)."""
     resolution = config.eval_resolution or config.resolution
     return _build(path, config, crop=config.eval_crop, resolution_at=lambda _epoch: resolution,
-                  order=OrderOption.SEQUENTIAL, flip_probability=0.0, drop_last=False, with_indices=with_indices)
+                  order=OrderOption.SEQUENTIAL, flip_probability=0.0, drop_last=False, with_indices=with_indices,
+                  subset_size=config.eval_samples)
 
 
 def build_loaders(train_path: str | Path, eval_path: str | Path, config: LoaderConfig, *,

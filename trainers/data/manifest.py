@@ -34,6 +34,8 @@ class SourceInfo(BaseModel):
     format: str
     split: str
     path: str   # the input folder, or "bundled" for data shipped with a library
+    # How the samples were chosen when not all were written, e.g. "balanced 1600 of 60000 (seed 0)".
+    subset: str | None = None
 
 
 class Manifest(BaseModel):

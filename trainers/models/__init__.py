@@ -4,8 +4,10 @@ A model's full description (`ModelConfig`, resolved: resolution, stem, dropout f
 `model.spec`, so the data loader can follow the resolution the model was scaled for.
 
 `width_mult`, `depth_mult` and `compound_phi` are relative to the architecture's own scale: for
-`efficientnet_b3`, width_mult=1 means B3's 1.2. `compound_phi` applies EfficientNet's rule on top:
-depth x 1.2**phi, width x 1.1**phi, resolution x 1.15**phi.
+`efficientnet_b3`, width_mult=1 means B3's 1.2. `compound_phi` applies a compound rule on top: depth x
+compound_alpha**phi, width x compound_beta**phi, and the input side `base_resolution` (default: the arch's) x
+compound_gamma**phi; the coefficients default to EfficientNet's (1.2, 1.1, 1.15). A `resolution` fixes the
+input side outright, whatever phi says.
 """
 from __future__ import annotations
 
@@ -20,9 +22,11 @@ from torch import nn
 from trainers.activations import activation_factory, activation_params, build_activation
 from trainers.errors import ConfigError, one_of, validated
 from trainers.models.cost import ModelCost, count_cost
-from trainers.models.efficientnet import EFFICIENTNET_SCALES, EfficientNet, EfficientNetScale, compound_scaling
+from trainers.models.efficientnet import (ALPHA, BETA, EFFICIENTNET_SCALES, GAMMA, EfficientNet, EfficientNetScale,
+                                          compound_scaling)
 from trainers.models.layers import InputNormalization
 from trainers.models.resnet import RESNET_LAYOUTS, ResNet
+from trainers.seeding import seeded
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -58,6 +62,14 @@ class ModelConfig(BaseModel):
     width_mult: float = Field(1.0, gt=0, le=16)
     depth_mult: float = Field(1.0, gt=0, le=16)
     compound_phi: float = Field(0.0, ge=-4, le=12)
+    # The compound rule phi applies (EfficientNet's unless a study searches another); absent in configs stored
+    # before they existed, which therefore read exactly as they were written.
+    compound_alpha: float = Field(ALPHA, gt=0)
+    compound_beta: float = Field(BETA, gt=0)
+    compound_gamma: float = Field(GAMMA, gt=0)
+    # The input side at phi=0 that compound_gamma**phi grows (None: the arch's own).
+    base_resolution: int | None = Field(None, ge=MIN_RESOLUTION, le=MAX_RESOLUTION)
+    # A fixed input side: overrides what base_resolution and phi would give.
     resolution: int | None = Field(None, ge=MIN_RESOLUTION, le=MAX_RESOLUTION)
     in_chans: int = Field(3, ge=1)
     stem: Literal["cifar", "imagenet"] | None = None
@@ -119,9 +131,11 @@ class ModelConfig(BaseModel):
 
     @property
     def scale(self) -> EfficientNetScale:
-        """Effective width, depth, resolution and dropout: the arch's own, times the multipliers and phi."""
+        """Effective width, depth, resolution and dropout: the arch's own, times the multipliers and the
+        compound rule at phi."""
         base = ARCHS[self.arch].scale
-        compound = compound_scaling(self.compound_phi, base_resolution=base.resolution)
+        compound = compound_scaling(self.compound_phi, self.compound_alpha, self.compound_beta, self.compound_gamma,
+                                    base_resolution=self.base_resolution or base.resolution)
         return EfficientNetScale(
             width_mult=base.width_mult * self.width_mult * compound.width_mult,
             depth_mult=base.depth_mult * self.depth_mult * compound.depth_mult,
@@ -130,18 +144,29 @@ class ModelConfig(BaseModel):
         )
 
 
-def build_model(arch: str, num_classes: int, **options: Any) -> nn.Module:
+def build_model(arch: str, num_classes: int, seed: int | None = None, **options: Any) -> nn.Module:
     """Build `arch` (see `ARCHS`) with the activation by name, e.g.
 
-    `build_model("resnet50", 1000, activation="silu")`,
+    `build_model("resnet50", 1000, activation="silu", seed=0)`,
     `build_model("efficientnet_b0", 10, activation="parametric_softplus", activation_params={"beta": 5})`.
-    Options are the fields of `ModelConfig`. Inputs are images in [0, 1]; normalization is inside.
+    Options are the fields of `ModelConfig`. Inputs are images in [0, 1]; normalization is inside. With `seed`
+    the initial weights are a function of (config, seed) alone; models that differ only in their activation
+    get identical weights. Without it they come from torch's global RNG.
     """
     config = validated(ModelConfig, {"arch": arch, "num_classes": num_classes, **options})
-    return build_model_from_config(config)
+    return build_model_from_config(config, seed)
 
 
-def build_model_from_config(config: ModelConfig) -> nn.Module:
+def build_model_from_config(config: ModelConfig, seed: int | None = None) -> nn.Module:
+    """The model `config` describes; with `seed`, initialised from the seed's `init` stream (the caller's RNG
+    state is left as it was)."""
+    if seed is None:
+        return _build(config)
+    with seeded(seed, "init"):
+        return _build(config)
+
+
+def _build(config: ModelConfig) -> nn.Module:
     spec = config.resolved()
     act = activation_factory(spec.activation, **spec.activation_params)
     entry = ARCHS[spec.arch]
