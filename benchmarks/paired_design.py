@@ -48,16 +48,11 @@ def interval_widths(folder: Path, baseline: str) -> list[dict]:
         evaluations.append(TrialEvaluation(trial_id, "", params, metrics.get("cost_flops", 0.0), dict(metrics),
                                            outcomes))
     summary = summarize(evaluations, baseline)
-    members = {group.label: [item for item in evaluations if all(
-        str(item.params.get(name)) == str(value) for name, value in group.params.items())] for group in summary.groups}
     rows = []
     for comparison in summary.comparisons:
-        def matrix(label):
-            by_seed = {str(item.params.get("seed")): item for item in members[label]}
-            return np.stack([by_seed[str(seed)].outcomes[comparison.metric] for seed in comparison.seeds])
-
         paired = comparison.difference
-        unpaired = unpaired_difference(matrix(comparison.label), matrix(comparison.baseline))
+        unpaired = unpaired_difference(*(summary.outcome_matrix(label, comparison.metric, comparison.seeds)
+                                         for label in (comparison.label, comparison.baseline)))
         rows.append({"configuration": comparison.label, "baseline": comparison.baseline, "metric": comparison.metric,
                      "seeds": len(comparison.seeds), "images": paired.images, "difference": round(paired.value, 4),
                      "paired": [round(paired.low, 4), round(paired.high, 4)],

@@ -229,8 +229,8 @@ def run(args: argparse.Namespace) -> Path:
                                float(trained.model.cost().flops), outcomes=outcomes)
         item.metrics.update({name: float(values.mean()) for name, values in outcomes.items()})
         evaluations.append(item)
-        print(f"{trial_id}: clean {item.metrics['clean_acc']:.3f}, {evaluator.pgd_name} {item.metrics['pgd_acc']:.3f} "
-              f"({outcomes['pgd_acc'].shape[0]} images)", flush=True)
+        print(f"{trial_id}: clean {item.metrics['clean_acc']:.3f}, {evaluator.pgd_name} "
+              f"{item.metrics['pgd_acc']:.3f} ({outcomes['pgd_acc'].shape[0]} images)", flush=True)
     if not evaluations:
         raise ConfigError(f"no trial of study {study.name!r} trained its full budget; nothing to evaluate")
 
@@ -300,27 +300,28 @@ def baseline_for(group, groups, baseline: str):
                  and (other.label == baseline or _settings(other.params) == _settings(group.params))), None)
 
 
-def _seed_matrix(members: list[TrialEvaluation], metric: str, seeds: list):
-    """[seeds, images] outcomes, row k the member trained with seeds[k]."""
-    import numpy as np
-
-    by_seed = {str(item.params.get("seed")): item for item in members}
-    return np.stack([by_seed[str(seed)].outcomes[metric] for seed in seeds])
-
-
 @dataclass
 class EvaluationSummary:
-    """What write_evaluation found, for the MLflow runs: per trial its numbers; per configuration its
-    accuracies' intervals and its paired differences to the baseline."""
+    """What write_evaluation found, for the reports and the MLflow runs: per trial its interval over its images;
+    per configuration its accuracies' intervals and its paired differences to the baseline."""
 
     evaluations: list[TrialEvaluation]
     groups: list
-    accuracies: dict[str, dict]       # group label -> metric -> Estimate
-    comparisons: list                 # Comparison
-    written: list[Path] = field(default_factory=list)  # the report files
+    trial_accuracies: dict[str, dict] = field(default_factory=dict)  # trial id -> metric -> Estimate
+    accuracies: dict[str, dict] = field(default_factory=dict)        # group label -> metric -> Estimate
+    comparisons: list = field(default_factory=list)                  # Comparison
+    written: list[Path] = field(default_factory=list)                # the report files
 
     def group_of(self, item: TrialEvaluation):
         return next(group for group in self.groups if item in _members(self.evaluations, group))
+
+    def outcome_matrix(self, label: str, metric: str, seeds):
+        """[seeds, images] outcomes of configuration `label`, row k its trial trained with seeds[k]."""
+        import numpy as np
+
+        group = next(group for group in self.groups if group.label == label)
+        by_seed = {str(item.params.get("seed")): item for item in _members(self.evaluations, group)}
+        return np.stack([by_seed[str(seed)].outcomes[metric] for seed in seeds])
 
 
 def summarize(evaluations: list[TrialEvaluation], baseline: str) -> EvaluationSummary:
@@ -330,30 +331,30 @@ def summarize(evaluations: list[TrialEvaluation], baseline: str) -> EvaluationSu
     from orchestrator.comparisons import Comparison, accuracy, paired_difference
     from orchestrator.reports import seed_groups
 
-    groups = seed_groups((item.params, item.metrics) for item in evaluations)
-    accuracies, comparisons = {}, []
-    members = {group.label: _members(evaluations, group) for group in groups}
-    for group in groups:
-        if all(metric in item.outcomes for item in members[group.label] for metric in COMPARED_METRICS):
-            accuracies[group.label] = {metric: accuracy(_seed_matrix(members[group.label], metric, list(group.seeds)))
-                                       for metric in COMPARED_METRICS}
-    for group in groups:
-        reference = baseline_for(group, groups, baseline)
-        if reference is None or group.label not in accuracies or reference.label not in accuracies:
+    summary = EvaluationSummary(evaluations, seed_groups((item.params, item.metrics) for item in evaluations))
+    summary.trial_accuracies = {item.trial_id: {metric: accuracy(item.outcomes[metric])
+                                                for metric in COMPARED_METRICS if metric in item.outcomes}
+                                for item in evaluations}
+    for group in summary.groups:
+        if all(metric in item.outcomes for item in _members(evaluations, group) for metric in COMPARED_METRICS):
+            summary.accuracies[group.label] = {
+                metric: accuracy(summary.outcome_matrix(group.label, metric, group.seeds))
+                for metric in COMPARED_METRICS}
+    for group in summary.groups:
+        reference = baseline_for(group, summary.groups, baseline)
+        if reference is None or not {group.label, reference.label} <= set(summary.accuracies):
             continue
-        common = [seed for seed in group.seeds if str(seed) in {str(other) for other in reference.seeds}]
-        if not common:
-            continue
-        for metric in COMPARED_METRICS:
-            comparisons.append(Comparison(group.label, reference.label, metric, tuple(common), paired_difference(
-                _seed_matrix(members[group.label], metric, common),
-                _seed_matrix(members[reference.label], metric, common))))
-    return EvaluationSummary(evaluations, groups, accuracies, comparisons)
+        common = tuple(seed for seed in group.seeds if str(seed) in {str(other) for other in reference.seeds})
+        for metric in COMPARED_METRICS if common else ():
+            summary.comparisons.append(Comparison(group.label, reference.label, metric, common, paired_difference(
+                summary.outcome_matrix(group.label, metric, common),
+                summary.outcome_matrix(reference.label, metric, common))))
+    return summary
 
 
 def _images_text(args: argparse.Namespace, evaluations: list[TrialEvaluation]) -> str:
     images = next(iter(evaluations[0].outcomes.values())).shape[0] if evaluations[0].outcomes else args.max_images
-    chosen = f"a class-balanced subset of {images}" if args.max_images else f"all {images}"
+    chosen = f"a class-balanced subset of {images}" if args.max_images else f"all {images or 'the'}"
     return f"{chosen} test images per trial (the same images for every trial)"
 
 
@@ -402,8 +403,7 @@ def write_evaluation(out: Path, evaluations: list[TrialEvaluation], pgd_name: st
 
     import numpy as np
 
-    from orchestrator.comparisons import (RESAMPLES, accuracy, comparisons_markdown, plot_comparisons,
-                                          write_comparisons_csv)
+    from orchestrator.comparisons import RESAMPLES, comparisons_markdown, plot_comparisons, write_comparisons_csv
     from orchestrator.reports import plot_scaling, plot_seed_groups, scale_points, scaling_markdown
 
     out.mkdir(parents=True, exist_ok=True)
@@ -417,11 +417,8 @@ def write_evaluation(out: Path, evaluations: list[TrialEvaluation], pgd_name: st
         writer.writeheader()
         for item in evaluations:
             params, metrics = item.record
-            bounds = {}
-            for metric in COMPARED_METRICS:
-                if metric in item.outcomes:
-                    estimate = accuracy(item.outcomes[metric])
-                    bounds.update({f"{metric}_low": estimate.low, f"{metric}_high": estimate.high})
+            bounds = {f"{metric}_{end}": getattr(estimate, end) for metric, estimate in
+                      summary.trial_accuracies[item.trial_id].items() for end in ("low", "high")}
             writer.writerow({**params, "trial_id": item.trial_id, **metrics, **bounds})
     written = [table]
     if any(item.outcomes for item in evaluations):
@@ -466,7 +463,6 @@ def log_evaluation(tracking_uri: str, study_name: str, summary: EvaluationSummar
     `autoattack_acc`, ... and its configuration's paired difference to the baseline, `_diff`, with its interval
     and the detectable difference); every comparison and the reports (`evaluation/`) to the parent run; skipped
     when the study was not tracked at this URI."""
-    from orchestrator.comparisons import accuracy
     from orchestrator.tracking import StudyTracker
 
     tracker = StudyTracker(tracking_uri, experiment_name=study_name)
@@ -478,10 +474,8 @@ def log_evaluation(tracking_uri: str, study_name: str, summary: EvaluationSummar
              "pgd_acc_aa_images": f"{pgd_name}_acc_autoattack_images", "autoattack_acc": "autoattack_acc"}
     for item in summary.evaluations:
         metrics = {names[name]: value for name, value in item.metrics.items()}
-        for metric in COMPARED_METRICS:
-            if metric in item.outcomes:
-                estimate = accuracy(item.outcomes[metric])
-                metrics.update({f"{names[metric]}_ci_low": estimate.low, f"{names[metric]}_ci_high": estimate.high})
+        for metric, estimate in summary.trial_accuracies[item.trial_id].items():
+            metrics.update({f"{names[metric]}_ci_low": estimate.low, f"{names[metric]}_ci_high": estimate.high})
         label = summary.group_of(item).label
         for comparison in summary.comparisons:
             if comparison.label == label:
