@@ -25,7 +25,7 @@ from torch import nn
 from trainers.activations import activation_phase
 from trainers.attacks import AttackConfig, PGDAttacker
 from trainers.faults import maybe_fault
-# seed_everything is re-exported: the Python API imports it from here.
+# seed_everything is re-exported: scripts and tests import it from here.
 from trainers.seeding import seed_epoch, seed_everything, stream_generator, use_deterministic_algorithms  # noqa: F401
 
 AMP_DTYPES: dict[str, torch.dtype | None] = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
