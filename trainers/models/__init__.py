@@ -11,6 +11,7 @@ input side outright, whatever phi says.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -160,13 +161,11 @@ def build_model(arch: str, num_classes: int, seed: int | None = None, **options:
 def build_model_from_config(config: ModelConfig, seed: int | None = None) -> nn.Module:
     """The model `config` describes; with `seed`, initialised from the seed's `init` stream (the caller's RNG
     state is left as it was)."""
-    if seed is None:
-        return _build(config)
-    with seeded(seed, "init"):
-        return _build(config)
+    with seeded(seed, "init") if seed is not None else contextlib.nullcontext():
+        return _build_network(config)
 
 
-def _build(config: ModelConfig) -> nn.Module:
+def _build_network(config: ModelConfig) -> nn.Module:
     spec = config.resolved()
     act = activation_factory(spec.activation, **spec.activation_params)
     entry = ARCHS[spec.arch]
