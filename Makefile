@@ -5,22 +5,29 @@ VENV ?= .venv
 # The CPU build lies on local disk here; on a CUDA machine set TORCH_SPEC to the build you want.
 TORCH_SPEC ?= torch==2.13.0
 SYSTEM_PACKAGES := pkg-config libopencv-dev libturbojpeg0-dev dataset-fashion-mnist
+# Only the tests need these: MLflow's UI rendered in Debian's headless Chromium (not on cluster images).
+TEST_SYSTEM_PACKAGES := chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP := $(VENV)/.satscale-installed
 
-.PHONY: setup system-packages demo test clean
+.PHONY: setup system-packages test-system-packages demo test clean
 
 setup: system-packages $(STAMP)
 
 # FFCV builds from source against Debian's OpenCV and libjpeg-turbo; the bundled real dataset is
 # Debian's Fashion-MNIST. Installed only when missing.
-system-packages:
-	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; done); \
+install-missing = missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing system packages:" $$missing; \
 		$(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing g++ >/dev/null; \
 	fi
+
+system-packages:
+	@$(call install-missing,$(SYSTEM_PACKAGES))
+
+test-system-packages:
+	@$(call install-missing,$(TEST_SYSTEM_PACKAGES))
 
 $(STAMP): pyproject.toml
 	[ -x $(VENV)/bin/python ] || $(PYTHON) -m venv $(VENV)
@@ -35,7 +42,7 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/python orchestrator/scale_study.py $(ARGS)
 
-test: setup
+test: setup test-system-packages
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 clean:

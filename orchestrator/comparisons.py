@@ -51,6 +51,16 @@ class Estimate:
         return self.low > 0 or self.high < 0
 
 
+def binomial_accuracy(accuracy: float, images: int) -> Estimate:
+    """An accuracy measured once on `images` test images, with its Wilson score 95 % interval: test-set sampling
+    only (one trial, no seeds), for the study's live reports where no per-image outcomes exist."""
+    z = 1.959964
+    center = (accuracy + z * z / (2 * images)) / (1 + z * z / images)
+    half = z * np.sqrt(accuracy * (1 - accuracy) / images + z * z / (4 * images * images)) / (1 + z * z / images)
+    return Estimate(float(accuracy), float(max(0.0, center - half)), float(min(1.0, center + half)),
+                    float(np.sqrt(accuracy * (1 - accuracy) / images)), seeds=1, images=images)
+
+
 def _weights(rng: np.random.Generator, count: int, resamples: int) -> np.ndarray:
     """Bootstrap resampling as weights: [resamples, count], each row how often each unit was drawn / count."""
     if count == 1:

@@ -207,7 +207,8 @@ def run(args: argparse.Namespace) -> Path:
     import torch
 
     from orchestrator.reports import seed_groups
-    from orchestrator.runner import experiment_path, load_trial_model
+    from orchestrator.preflight import experiment_path
+    from orchestrator.runner import load_trial_model
     from orchestrator.tracking import resolve_tracking_uri
     from search_spaces.space import trial_params
     from search_spaces.study import load_study
@@ -219,7 +220,8 @@ def run(args: argparse.Namespace) -> Path:
                           torch.device("cuda" if torch.cuda.is_available() else "cpu"), args.max_images,
                           args.autoattack_images)
     evaluations, stopped_early = [], []
-    for trial_id, checkpoint_path in finished_trials(experiment_path(storage, study)):
+    results_path = experiment_path(storage, study)  # the study's latest run
+    for trial_id, checkpoint_path in finished_trials(results_path):
         trained = load_trial_model(checkpoint_path, storage)
         if trained.epoch + 1 < trained.trial.train.epochs:
             stopped_early.append(trial_id)  # the scheduler cut its budget: not comparable
@@ -249,7 +251,7 @@ def run(args: argparse.Namespace) -> Path:
 
     out = Path(args.out or Path("satscale_eval") / study.name)
     summary = write_evaluation(out, evaluations, evaluator.pgd_name, args, stopped_early)
-    log_evaluation(tracking_uri, study.name, summary, evaluator.pgd_name, out)
+    log_evaluation(tracking_uri, study.name, results_path, summary, evaluator.pgd_name, out)
     return out
 
 
@@ -457,8 +459,8 @@ def write_evaluation(out: Path, evaluations: list[TrialEvaluation], pgd_name: st
     return summary
 
 
-def log_evaluation(tracking_uri: str, study_name: str, summary: EvaluationSummary, pgd_name: str,
-                   out: Path) -> None:
+def log_evaluation(tracking_uri: str, study_name: str, results_path: str, summary: EvaluationSummary,
+                   pgd_name: str, out: Path) -> None:
     """Each trial's numbers to its child run (as `<pgd_name>_acc` with `_ci_low`/`_ci_high` over its images,
     `autoattack_acc`, ... and its configuration's paired difference to the baseline, `_diff`, with its interval
     and the detectable difference); every comparison and the reports (`evaluation/`) to the parent run; skipped
@@ -466,9 +468,9 @@ def log_evaluation(tracking_uri: str, study_name: str, summary: EvaluationSummar
     from orchestrator.tracking import StudyTracker
 
     tracker = StudyTracker(tracking_uri, experiment_name=study_name)
-    parent_run_id = tracker.study_run_id(study_name)
+    parent_run_id = tracker.study_run_id(study_name, results_path)
     if parent_run_id is None:
-        print(f"study {study_name!r} has no MLflow run at {tracking_uri}: reports are in {out} only")
+        print(f"study {study_name!r} ({results_path}) has no MLflow run at {tracking_uri}: reports are in {out} only")
         return
     names = {"clean_acc": "final_clean_acc", "pgd_acc": f"{pgd_name}_acc",
              "pgd_acc_aa_images": f"{pgd_name}_acc_autoattack_images", "autoattack_acc": "autoattack_acc"}

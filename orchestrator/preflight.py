@@ -30,14 +30,35 @@ REMOTE_STORAGE_SCHEMES = ("s3", "gs")
 _STORAGE_HINT = "accepted: a local folder, s3://BUCKET/PREFIX or gs://BUCKET/PREFIX"
 
 
+# A study run again without --resume starts a new Tune experiment beside the earlier ones, which are kept:
+# NAME, then NAME-run2, NAME-run3, ...
+_RUN_SUFFIX = "-run"
+
+
+def _run_path(storage_path: str, study: StudyConfig, number: int) -> str:
+    name = study.name if number == 1 else f"{study.name}{_RUN_SUFFIX}{number}"
+    return f"{storage_path.rstrip('/')}/{name}"
+
+
+def study_runs(storage_path: str, study: StudyConfig) -> list[str]:
+    """The Tune experiments of the study's runs in `storage_path`, oldest first."""
+    runs = []
+    while tune.Tuner.can_restore(path := _run_path(storage_path, study, len(runs) + 1)):
+        runs.append(path)
+    return runs
+
+
 def experiment_path(storage_path: str, study: StudyConfig) -> str:
-    return f"{storage_path.rstrip('/')}/{study.name}"
+    """The study's latest run (its first one's path when it never ran): what `--resume` continues and
+    `evaluate_study.py` reads."""
+    runs = study_runs(storage_path, study)
+    return runs[-1] if runs else _run_path(storage_path, study, 1)
 
 
 def check_study_inputs(study: StudyConfig, storage_path: str, resume: bool) -> None:
     """Everything below, in order; the cluster check needs a connected Ray."""
     check_storage(storage_path)
-    restorable(study, storage_path, resume)
+    run_path(study, storage_path, resume)
     check_data(study)
     check_cluster_capacity(TrialConfig.parse(study.base_values()).workers)
 
@@ -76,18 +97,16 @@ def check_storage(storage_path: str) -> None:
                           "or fix the bucket name")
 
 
-def restorable(study: StudyConfig, storage_path: str, resume: bool) -> bool:
-    """Whether the study continues an interrupted Tune experiment: exactly when `resume` is set, else a
-    ConfigError (a study never silently overwrites or restarts another's results)."""
-    path = experiment_path(storage_path, study)
-    if tune.Tuner.can_restore(path):
-        if not resume:
-            raise ConfigError(f"study {study.name!r} already has results in {path}; continue it with --resume, "
-                              "or give this run another name (--set name=...) or --storage")
-        return True
+def run_path(study: StudyConfig, storage_path: str, resume: bool) -> str:
+    """Where this run of the study keeps its Tune experiment: with `resume` the latest run's (it must exist),
+    else a new one beside the earlier runs, which are never overwritten."""
+    runs = study_runs(storage_path, study)
     if resume:
-        raise ConfigError(f"--resume: nothing to resume in {path}; run without --resume to start the study")
-    return False
+        if not runs:
+            raise ConfigError(f"--resume: nothing to resume in {_run_path(storage_path, study, 1)}; run without "
+                              "--resume to start the study")
+        return runs[-1]
+    return _run_path(storage_path, study, len(runs) + 1)
 
 
 # ------------------------------------------------------------------------------------------------ data

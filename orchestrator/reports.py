@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from orchestrator.comparisons import binomial_accuracy
+
 TrialState = Literal["finished", "stopped_early", "failed"]
 
 # The trial params that name a point of the study in the paper's tables.
@@ -32,6 +34,7 @@ class StudyRow:
     cost_flops: float | None
     epochs: int
     failure_reason: str | None = None
+    eval_images: int | None = None  # how many test images the accuracies count (their interval's width)
 
     @property
     def activation(self) -> str:
@@ -55,7 +58,7 @@ def leaderboard(rows: Iterable[StudyRow]) -> list[StudyRow]:
 def write_leaderboard_csv(rows: Iterable[StudyRow], path: Path) -> Path:
     ordered = leaderboard(rows)
     result_columns = ["rank", "trial_id", "state", "clean_acc", "robust_acc", "cost_flops", "epochs",
-                      "failure_reason"]
+                      "failure_reason", "eval_images"]
     param_columns = sorted({name for row in ordered for name in row.params} - set(result_columns))
     with open(path, "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=result_columns + param_columns, extrasaction="ignore")
@@ -64,12 +67,19 @@ def write_leaderboard_csv(rows: Iterable[StudyRow], path: Path) -> Path:
             # Results last: a param that happens to share a result column's name cannot overwrite it.
             writer.writerow({**row.params, "rank": rank, "trial_id": row.trial_id, "state": row.state,
                              "clean_acc": row.clean_acc, "robust_acc": row.robust_acc, "cost_flops": row.cost_flops,
-                             "epochs": row.epochs, "failure_reason": row.failure_reason or ""})
+                             "epochs": row.epochs, "failure_reason": row.failure_reason or "",
+                             "eval_images": row.eval_images or ""})
     return path
 
 
-def _percent(accuracy: float | None) -> str:
-    return "–" if accuracy is None else f"{100 * accuracy:.1f}"
+def _percent(accuracy: float | None, images: int | None = None) -> str:
+    """`78.0`, or with the number of test images it counts, `78.0 (73.7-81.8)`: its 95 % interval."""
+    if accuracy is None:
+        return "–"
+    if not images:
+        return f"{100 * accuracy:.1f}"
+    estimate = binomial_accuracy(accuracy, images)
+    return f"{100 * accuracy:.1f} ({100 * estimate.low:.1f}-{100 * estimate.high:.1f})"
 
 
 def _cell(text: object) -> str:
@@ -78,6 +88,19 @@ def _cell(text: object) -> str:
 
 def _scale(row: StudyRow) -> str:
     return ", ".join(str(row.params.get(name, "?")) for name in SCALE_PARAMS)
+
+
+def trial_label(params: Mapping[str, Any]) -> str:
+    """A trial as a person names it, e.g. `softplus(beta=10) resnet18 d0.5 w0.25 32px seed 0` (MLflow run names,
+    the console); parts its params lack are left out."""
+    activation_params = [f"{name.split('.', 1)[1]}={value}" for name, value in sorted(params.items())
+                         if name.startswith("activation.")]
+    parts = [str(params.get("activation", "?")) + (f"({', '.join(activation_params)})" if activation_params else "")]
+    for name, text in (("arch", "{}"), ("depth_mult", "d{}"), ("width_mult", "w{}"), ("resolution", "{}px"),
+                       ("seed", "seed {}")):
+        if params.get(name) not in (None, ""):
+            parts.append(text.format(params[name]))
+    return " ".join(parts)
 
 
 def _notes(row: StudyRow) -> str:
@@ -89,12 +112,14 @@ def _notes(row: StudyRow) -> str:
 
 
 def leaderboard_markdown(rows: Iterable[StudyRow]) -> str:
-    """The paper's table (activation × clean × PGD robust, accuracies in %), one line per trial, best first;
-    Notes says which trials were stopped early or failed."""
+    """The paper's table (activation × clean × PGD robust, accuracies in %, with their 95 % intervals over the
+    test images where the rows say how many), one line per trial, best first; Notes says which trials were
+    stopped early or failed."""
     lines = ["| Rank | Activation | Scale (arch, depth, width, res) | Clean acc (%) | PGD robust acc (%) | Notes |",
              "|---:|---|---|---:|---:|---|"]
     for rank, row in enumerate(leaderboard(rows), start=1):
-        cells = [rank, row.activation, _scale(row), _percent(row.clean_acc), _percent(row.robust_acc), _notes(row)]
+        cells = [rank, row.activation, _scale(row), _percent(row.clean_acc, row.eval_images),
+                 _percent(row.robust_acc, row.eval_images), _notes(row)]
         lines.append("| " + " | ".join(_cell(cell) for cell in cells) + " |")
     return "\n".join(lines) + "\n"
 

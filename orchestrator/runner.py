@@ -9,7 +9,9 @@ a restored Tune study resumes each unfinished trial from its last Train checkpoi
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import math
 import os
 import tempfile
@@ -27,18 +29,20 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from cluster import TRIAL_DRIVER_RESOURCE
-from orchestrator.preflight import (check_study_inputs, cluster_capacity, experiment_path, pending_conversions,
-                                   restorable)
-from orchestrator.reports import StudyRow, leaderboard, leaderboard_markdown, write_reports
-from orchestrator.tracking import MLflowStudyCallback, StudyTracker, is_permanent, study_rows
+from orchestrator.console import ConsoleSettings
+from orchestrator.preflight import check_study_inputs, cluster_capacity, pending_conversions, run_path
+from orchestrator.reports import StudyRow, leaderboard, write_reports
+from orchestrator.tracking import MLflowStudyCallback, StudyTracker, is_permanent, study_rows, ui_url
 from orchestrator.trial_driver import run_trial
-from search_spaces.space import optuna_space, param_space, trial_params
+from search_spaces.space import OptunaSpace, param_space, trial_params
 from search_spaces.study import StudyConfig
 from trainers.checkpoint import load_training_state
 from trainers.data.convert import convert
 from trainers.errors import first_line
 from trainers.models import ModelConfig, build_model_from_config
 from trainers.trial import TrialConfig
+
+logger = logging.getLogger(__name__)
 
 # A trial's Tune driver only waits on its Train workers, so it holds no CPU: a CPU per driver deadlocks small
 # clusters (drivers hold every CPU, no worker group can be placed) and halves concurrency on a laptop. Ray
@@ -62,6 +66,8 @@ class StudyOutcome:
     parent_run_id: str
     experiment_path: str
     best_model_uri: str | None
+    logs_dir: Path | None = None  # where the console view sent Ray's and the libraries' logs
+    mlflow_url: str | None = None  # the study's training runs in MLflow's UI
 
 
 def prepare_datasets(study: StudyConfig) -> None:
@@ -112,7 +118,7 @@ def _searcher(study: StudyConfig, concurrent: int):
         return BasicVariantGenerator(random_state=study.tune.seed, max_concurrent=concurrent)
     from ray.tune.search.optuna import OptunaSearch
 
-    return OptunaSearch(space=optuna_space(study), metric=study.tune.metric, mode=study.tune.mode,
+    return OptunaSearch(space=OptunaSpace(study), metric=study.tune.metric, mode=study.tune.mode,
                         seed=study.tune.seed)
 
 
@@ -122,23 +128,27 @@ def _trainable(study: StudyConfig, storage_path: str, capacity: Mapping[str, flo
         trial_driver_resources(capacity))
 
 
-def build_tuner(study: StudyConfig, storage_path: str, callback: MLflowStudyCallback, resume: bool) -> tune.Tuner:
-    """A new Tuner, or with `resume` the interrupted one (finished trials are kept, unfinished ones go on)."""
+def build_tuner(study: StudyConfig, storage_path: str, results_path: str, callbacks: list[tune.Callback],
+                resume: bool, verbose: int | None = None) -> tune.Tuner:
+    """A new Tuner writing to `results_path`, or with `resume` the interrupted one there (finished trials are
+    kept, unfinished ones go on; its callbacks and verbosity are the ones saved with it). `verbose`: Tune's own
+    output (None: Tune's default, 0: none, as under the live view)."""
     capacity = cluster_capacity()[0]
     trainable = _trainable(study, storage_path, capacity)
-    if restorable(study, storage_path, resume):
-        return tune.Tuner.restore(experiment_path(storage_path, study), trainable=trainable, resume_unfinished=True,
-                                  resume_errored=False)
+    if resume:
+        return tune.Tuner.restore(results_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
     concurrent = max_concurrent_trials(study, capacity)
     searcher = _searcher(study, concurrent)
     return tune.Tuner(
         trainable,
         # Optuna asks its define-by-run space; the basic generator resolves Tune's param_space.
         param_space={} if study.tune.searcher == "optuna" else param_space(study),
+        # Reusing trial actors: a trial after the first in each slot skips its actor's process start and imports.
         tune_config=tune.TuneConfig(metric=study.tune.metric, mode=study.tune.mode, scheduler=_scheduler(study),
-                                    search_alg=searcher, num_samples=study.tune.num_samples,
+                                    search_alg=searcher, num_samples=study.tune.num_samples, reuse_actors=True,
                                     max_concurrent_trials=None if study.tune.searcher == "random" else concurrent),
-        run_config=tune.RunConfig(name=study.name, storage_path=storage_path, callbacks=[callback]),
+        run_config=tune.RunConfig(name=results_path.rsplit("/", 1)[-1], storage_path=storage_path,
+                                  callbacks=callbacks, verbose=verbose),
     )
 
 
@@ -194,6 +204,10 @@ def load_trial_model(checkpoint_path: str, storage_path: str) -> TrainedTrial:
 # Tune saves its experiment state at most every 10 s by default; a driver killed inside that window would
 # restart trials that had already finished. Saving every second costs little at study scale.
 EXPERIMENT_STATE_PERIOD_S = "1"
+# Ray Train's controller polls its workers every 2 s by default, so each epoch's report reaches Tune up to 2 s late
+# and a trial's end up to 4 s; polling at 0.5 s costs a few small calls per second per trial. Ray propagates the
+# variable from this driver to every trial's controller and workers.
+TRAIN_POLL_INTERVAL_S = "0.5"
 
 
 class TrackingUnavailableError(RuntimeError):
@@ -210,28 +224,52 @@ class TrackingUnavailableError(RuntimeError):
             "MLflow is back, run the same command with --resume to log them (no trial runs again)")
 
 
-def run_study(study: StudyConfig, storage_path: str, tracking_uri: str, resume: bool = False) -> StudyOutcome:
-    """Run (or with `resume`, continue) `study` on the connected Ray cluster; returns its report rows."""
+def run_study(study: StudyConfig, storage_path: str, tracking_uri: str, resume: bool = False,
+              console: ConsoleSettings | None = None) -> StudyOutcome:
+    """Run (or with `resume`, continue) `study` on the connected Ray cluster; returns its report rows. With
+    `console`, the live view of `orchestrator.console` shows it on the terminal (the command line's way)."""
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", EXPERIMENT_STATE_PERIOD_S)
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_INTERVAL_S)
     check_study_inputs(study, storage_path, resume)  # before anything is converted, tracked or stored
+    results_path = run_path(study, storage_path, resume)
     _keep_credentials_out_of_trial_runtime_envs()
+    params, cost = _study_functions(study)
+    callbacks, logs_dir = console.start(study, results_path, params) if console else ([], None)
     prepare_datasets(study)
     tracker = StudyTracker(tracking_uri, experiment_name=study.name)
-    parent_run_id = tracker.start_study(study.name, params={"study": study.name, **_study_summary(study)},
+    parent_run_id = tracker.start_study(study.name, results_path,
+                                        params={"study": study.name, **_study_summary(study)},
                                         tags={"satscale.description": study.description}, resume=resume)
-    params, cost = _study_functions(study)
     callback = MLflowStudyCallback(tracker, parent_run_id, params, cost, max_epochs=study.max_epochs())
-    tuner = build_tuner(study, storage_path, callback, resume)
-    results = tuner.fit()
-    rows = study_rows(results, params, cost, study.max_epochs())
-    callback.flush(force=True)
+    tuner = build_tuner(study, storage_path, results_path, [callback, *callbacks], resume,
+                        verbose=console.tune_verbosity if console else None)
     try:
-        best_model_uri = _log_study_end(tracker, parent_run_id, rows, results, storage_path)
-    except Exception as error:
-        if is_permanent(error):
-            raise
-        raise TrackingUnavailableError(rows, tracking_uri, error, experiment_path(storage_path, study)) from None
-    return StudyOutcome(rows, parent_run_id, experiment_path(storage_path, study), best_model_uri)
+        with console.tune_output_to(logs_dir) if console else contextlib.nullcontext():
+            results = tuner.fit()
+        rows = study_rows(results, params, cost, study.max_epochs())
+        callback.flush(force=True)
+        try:
+            best_model_uri = _log_study_end(tracker, parent_run_id, rows, results, storage_path)
+        except Exception as error:
+            if is_permanent(error):
+                raise
+            raise TrackingUnavailableError(rows, tracking_uri, error, results_path) from None
+    except TrackingUnavailableError:
+        raise
+    except BaseException as error:
+        _end_parent_after(tracker, parent_run_id, error)
+        raise
+    return StudyOutcome(rows, parent_run_id, results_path, best_model_uri, logs_dir,
+                        ui_url(tracking_uri, tracker.experiment_id))
+
+
+def _end_parent_after(tracker: StudyTracker, parent_run_id: str, error: BaseException) -> None:
+    """The parent run tells the truth when the study stops on an error: KILLED when interrupted (resumable with
+    --resume), FAILED otherwise. Best effort: MLflow may be what failed."""
+    try:
+        tracker.finish_study(parent_run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+    except Exception as tracking_error:
+        logger.warning("could not mark the study's parent run ended: %s", first_line(tracking_error))
 
 
 def _log_study_end(tracker: StudyTracker, parent_run_id: str, rows: list[StudyRow], results, storage_path: str
@@ -249,15 +287,3 @@ def _log_study_end(tracker: StudyTracker, parent_run_id: str, rows: list[StudyRo
 def _study_summary(study: StudyConfig) -> dict[str, Any]:
     return {"num_samples": study.tune.num_samples, "scheduler": study.tune.scheduler,
             "searcher": study.tune.searcher, "metric": study.tune.metric, "max_epochs": study.max_epochs()}
-
-
-def format_outcome(outcome: StudyOutcome, tracking_uri: str) -> str:
-    """What the terminal shows at the end: the leaderboard and where to look."""
-    ui = (f"mlflow ui --backend-store-uri {tracking_uri}" if tracking_uri.startswith(("sqlite:", "file:"))
-          else f"open {tracking_uri}")
-    lines = [leaderboard_markdown(outcome.rows), "",
-             f"MLflow: parent run {outcome.parent_run_id} at {tracking_uri}  (view: {ui})",
-             f"Tune results: {outcome.experiment_path}"]
-    if outcome.best_model_uri:
-        lines.append(f"best model: {outcome.best_model_uri}")
-    return "\n".join(lines)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import socket
 import sys
 from pathlib import Path
@@ -51,6 +52,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_study_arguments(parser)
     parser.add_argument("--resume", action="store_true", help="continue the interrupted study of this name")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved space and trial count; run nothing")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's, Tune's and the workers' own output on the console too (by default it goes "
+                             "to log files in the study's folder, and the console shows the study's live view)")
     parser.add_argument("--bind-all", action="store_true",
                         help="let the local Ray this script starts (without RAY_ADDRESS) listen on every network "
                              "interface, dashboard included, instead of 127.0.0.1 only; token authentication stays on")
@@ -80,6 +84,12 @@ def local_ray_settings(bind_all: bool) -> None:
                           "authentication; unset RAY_AUTH_MODE (or set it to token)")
     if not bind_all:
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    # Ray Train's PreemptionWatcher (one more process per trial, started on every trial's critical path) watches
+    # for spot nodes being drained, which a local Ray does not have; on a cluster it stays on.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # The two idle workers Ray would start for this driver are never used: trials run in actors with their own
+    # runtime environments. Not starting them leaves both cores to the first trials.
+    os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
 
 
 def _free_port() -> int:
@@ -88,15 +98,19 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def connect_ray(bind_all: bool) -> None:
-    """Join the cluster RAY_ADDRESS names, else start a local Ray (after `local_ray_settings`)."""
+def connect_ray(bind_all: bool, log_to_driver: bool = True) -> None:
+    """Join the cluster RAY_ADDRESS names, else start a local Ray (after `local_ray_settings`). Without
+    `log_to_driver` the workers' output stays in Ray's log files (the console shows the study's own view). Among
+    it on a cluster: Ray's error-level line `core_worker.cc: Actor with class name: 'PreemptionWatcher' ... has
+    constructor arguments in the object store and max_restarts > 0`, once per trial on a healthy run. Ray Train's
+    controller creates its preemption watcher that way; the line is harmless (a local Ray runs no watcher)."""
     import ray
 
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, configure_logging=False)
+        ray.init(address=address, configure_logging=False, log_to_driver=log_to_driver)
         return
     dashboard_port = _free_port()
     # Ray's State API, which Ray Train's PlacementGroupCleaner calls from inside the cluster, looks for "the" local
@@ -105,7 +119,7 @@ def connect_ray(bind_all: bool) -> None:
     # process this Ray starts inherits the variable.
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://{LOOPBACK}:{dashboard_port}"
     ray.init(configure_logging=False, dashboard_host="0.0.0.0" if bind_all else LOOPBACK,
-             dashboard_port=dashboard_port)
+             dashboard_port=dashboard_port, log_to_driver=log_to_driver)
     node_address = ray.util.get_node_ip_address()
     if not bind_all and node_address != LOOPBACK:  # `ray` was imported before local_ray_settings ran
         ray.shutdown()
@@ -125,14 +139,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print(describe_space(study))
             return 0
-        from orchestrator.runner import TrackingUnavailableError, format_outcome, run_study
+        from orchestrator.console import ConsoleSettings, final_screen, robust_name
         from orchestrator.reports import leaderboard_markdown
+        from orchestrator.runner import TrackingUnavailableError, run_study
         from orchestrator.tracking import resolve_tracking_uri
 
         tracking_uri = resolve_tracking_uri(args.mlflow_uri)
-        connect_ray(args.bind_all)
+        connect_ray(args.bind_all, log_to_driver=args.verbose)
         try:
-            outcome = run_study(study, storage_uri(args.storage), tracking_uri, resume=args.resume)
+            outcome = run_study(study, storage_uri(args.storage), tracking_uri, resume=args.resume,
+                                console=ConsoleSettings(verbose=args.verbose))
         except TrackingUnavailableError as error:
             print(leaderboard_markdown(error.rows))
             print(f"scale_study: {error}", file=sys.stderr)
@@ -140,8 +156,22 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"scale_study: {error}", file=sys.stderr)
         return 2
-    print(format_outcome(outcome, tracking_uri))
+    print(final_screen(study.name, outcome.rows, robust_name(study), outcome.parent_run_id, tracking_uri,
+                       outcome.mlflow_url, outcome.experiment_path, outcome.best_model_uri, outcome.logs_dir,
+                       study_arguments(args)))
     return 0
+
+
+def study_arguments(args: argparse.Namespace) -> str:
+    """The arguments that name this study and its results, for the commands the last screen suggests."""
+    words = [] if args.config == "default" else ["--config", args.config]
+    for override in args.overrides:
+        words += ["--set", override]
+    if args.storage != "satscale_runs":
+        words += ["--storage", args.storage]
+    if args.mlflow_uri:
+        words += ["--mlflow-uri", args.mlflow_uri]
+    return " ".join(shlex.quote(word) for word in words)
 
 
 if __name__ == "__main__":

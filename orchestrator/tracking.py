@@ -31,7 +31,7 @@ from ray import cloudpickle
 from ray.tune import Callback, ResultGrid
 from ray.tune.experiment import Trial
 
-from orchestrator.reports import StudyRow, TrialState
+from orchestrator.reports import StudyRow, TrialState, trial_label
 from trainers.checkpoint import load_model, save_model
 from trainers.errors import REDACTED, ConfigError, first_line, mask_url_credentials
 from trainers.models import SATModel
@@ -43,6 +43,22 @@ TAG_STUDY = "satscale.study"
 TAG_TRIAL_ID = "satscale.trial_id"
 TAG_TRIAL_STATE = "satscale.trial_state"
 TAG_FAILURE_REASON = "satscale.failure_reason"
+TAG_RESULTS = "satscale.results"  # the Tune experiment of a study's run: tells its parent run from other runs'
+# The experiment's kind, as MLflow's API and UI selector show it: model training, not a GenAI app.
+TAG_EXPERIMENT_KIND, MODEL_TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+# MLflow 3.17's UI opens an experiment by its workflow switch (this URL parameter, else the browser's last choice,
+# GenAI's overview at first), not by the kind tag: satscale's links carry it, so they open on the training runs.
+UI_WORKFLOW_PARAMETER = "workflowType=machine_learning"
+# Where `mlflow ui` serves a local store by default.
+MLFLOW_UI_DEFAULT_URL = "http://127.0.0.1:5000"
+
+
+def ui_url(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI page of an experiment's training runs (or of one run): on the tracking server itself, or
+    where `mlflow ui` serves a local store."""
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else MLFLOW_UI_DEFAULT_URL
+    page = f"runs/{run_id}" if run_id else "runs"
+    return f"{mask_url_credentials(base)}/#/experiments/{experiment_id}/{page}?{UI_WORKFLOW_PARAMETER}"
 
 RUN_STATUS: dict[TrialState, str] = {"finished": "FINISHED", "stopped_early": "KILLED", "failed": "FAILED"}
 # What the callback logs per epoch from a trial's result, when present.
@@ -136,12 +152,17 @@ def _environment(values: Mapping[str, str]) -> Iterator[None]:
 _Method = TypeVar("_Method", bound=Callable[..., Any])
 
 
+# MLflow prints a "View run ... at: URL" line whenever a run on a server ends: once per trial. The study's last
+# screen gives the link to its runs once instead.
+_NO_RUN_LINKS = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+
+
 def _bounded_http(method: _Method) -> _Method:
     """Run a tracker method under its HTTP limits: MLflow reads them from the environment on every request,
     and its defaults (120 s timeout, 7 retries with exponential backoff) can hold the study for minutes."""
     @functools.wraps(method)
     def bounded(self: StudyTracker, *args: Any, **kwargs: Any) -> Any:
-        with _environment(self.http_limits):
+        with _environment({**self.http_limits, **_NO_RUN_LINKS}):
             return method(self, *args, **kwargs)
 
     return bounded  # type: ignore[return-value]
@@ -172,11 +193,20 @@ class StudyTracker:
     def client(self) -> MlflowClient:
         return self._client
 
+    @property
+    def experiment_id(self) -> str:
+        return self._experiment()
+
     def _experiment(self) -> str:
         if self._experiment_id is None:
             experiment = self._client.get_experiment_by_name(self.experiment_name)
-            self._experiment_id = (experiment.experiment_id if experiment
-                                   else self._client.create_experiment(self.experiment_name))
+            if experiment is None:
+                self._experiment_id = self._client.create_experiment(
+                    self.experiment_name, tags={TAG_EXPERIMENT_KIND: MODEL_TRAINING_KIND})
+            else:
+                self._experiment_id = experiment.experiment_id
+                if TAG_EXPERIMENT_KIND not in experiment.tags:  # made by an earlier satscale, or by hand
+                    self._client.set_experiment_tag(self._experiment_id, TAG_EXPERIMENT_KIND, MODEL_TRAINING_KIND)
         return self._experiment_id
 
     def _runs_tagged(self, tags: Mapping[str, str]):
@@ -191,35 +221,38 @@ class StudyTracker:
             self._client.log_batch(run.info.run_id, params=[Param(name, str(value)) for name, value in missing.items()])
 
     @_bounded_http
-    def start_study(self, study_name: str, params: Mapping[str, Any] | None = None,
+    def start_study(self, study_name: str, results_path: str, params: Mapping[str, Any] | None = None,
                     tags: Mapping[str, Any] | None = None, *, resume: bool = False) -> str:
-        """The study's parent run id: the latest parent run of `study_name` when it is unfinished or `resume`
-        is set, else a new one."""
+        """The parent run of the study's run whose Tune results are at `results_path`: with `resume` that run's
+        latest parent (marked running again), else a new one named after the results' folder. Parents are found
+        by their results, not the study's name alone, so a fresh run never nests under an earlier one."""
         params, tags = params or {}, redact(tags or {})
-        study_tags = {TAG_STUDY: study_name, TAG_ROLE: "study"}
-        reusable = [run for run in self._runs_tagged(study_tags) if resume or run.info.status != "FINISHED"]
-        if reusable:
-            run = reusable[0]
+        study_tags = {TAG_STUDY: study_name, TAG_ROLE: "study", TAG_RESULTS: scrub(results_path)}
+        existing = self._runs_tagged(study_tags) if resume else []
+        if existing:
+            run = existing[0]
             self._client.update_run(run.info.run_id, status="RUNNING")
             if tags:
                 self._client.log_batch(run.info.run_id, tags=[RunTag(name, str(value)) for name, value in tags.items()])
         else:
-            run = self._client.create_run(self._experiment(), run_name=study_name,
+            run = self._client.create_run(self._experiment(), run_name=results_path.rstrip("/").rsplit("/", 1)[-1],
                                           tags={**{name: str(value) for name, value in tags.items()}, **study_tags})
         self._log_missing_params(run, params)
         return run.info.run_id
 
     @_bounded_http
-    def study_run_id(self, study_name: str) -> str | None:
-        """The latest parent run of `study_name`, left as it is (None when the study was never tracked here)."""
-        runs = self._runs_tagged({TAG_STUDY: study_name, TAG_ROLE: "study"})
+    def study_run_id(self, study_name: str, results_path: str) -> str | None:
+        """The latest parent run of the study's run at `results_path`, left as it is (None when it was never
+        tracked here)."""
+        runs = self._runs_tagged({TAG_STUDY: study_name, TAG_ROLE: "study", TAG_RESULTS: scrub(results_path)})
         return runs[0].info.run_id if runs else None
 
     @_bounded_http
     def trial_run(self, parent_run_id: str, trial_id: str, params: Mapping[str, Any], *,
                   restart: bool = True) -> str:
-        """The child run of `trial_id` under the parent run, created once: a restored trial gets its run back,
-        marked running again with `restart` (a trial starting now), left as it is without (a lookup)."""
+        """The child run of `trial_id` under the parent run, created once and named after what the trial is
+        (`reports.trial_label`): a restored trial gets its run back, marked running again with `restart` (a trial
+        starting now), left as it is without (a lookup)."""
         trial_tags = {MLFLOW_PARENT_RUN_ID: parent_run_id, TAG_ROLE: "trial", TAG_TRIAL_ID: trial_id}
         existing = self._runs_tagged(trial_tags)
         if existing:
@@ -230,7 +263,7 @@ class StudyTracker:
             if restart and TAG_FAILURE_REASON in run.data.tags:
                 self._client.delete_tag(run.info.run_id, TAG_FAILURE_REASON)
         else:
-            run = self._client.create_run(self._experiment(), run_name=trial_id,
+            run = self._client.create_run(self._experiment(), run_name=trial_label(redact(params)),
                                           tags={**trial_tags, TAG_TRIAL_STATE: "running"})
         self._log_missing_params(run, params)
         return run.info.run_id
@@ -366,7 +399,8 @@ def _study_row(trial_id: str, params: dict[str, Any], last_result: Mapping[str, 
                reason: str | None, cost_flops: float | None) -> StudyRow:
     return StudyRow(trial_id=trial_id, params=params, state=state, clean_acc=last_result.get("clean_acc"),
                     robust_acc=last_result.get("robust_acc"), cost_flops=cost_flops,
-                    epochs=_epochs_done(last_result), failure_reason=reason)
+                    epochs=_epochs_done(last_result), failure_reason=reason,
+                    eval_images=last_result.get("eval_images"))
 
 
 def study_rows(results: ResultGrid, trial_params: Callable[[dict], dict[str, Any]],

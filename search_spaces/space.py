@@ -1,4 +1,4 @@
-"""A study as Ray Tune sees it: `param_space(study)` for `Tuner(param_space=...)` (or `optuna_space(study)`),
+"""A study as Ray Tune sees it: `param_space(study)` for `Tuner(param_space=...)` (or `OptunaSpace(study)`),
 what a trial is as MLflow params (`trial_params`), and the study's summary for `--dry-run`. Back from a sampled
 Tune config, the trial it describes is `study.trial_config(config)` (search_spaces.study).
 
@@ -10,13 +10,12 @@ Tune config keys (flat and readable):
 
 The activation is a conditional space: a `tune.grid_search`/`tune.choice` over dicts whose params may be
 distributions themselves. Tune's BasicVariantGenerator (the default, random/grid search) resolves those;
-Optuna needs a define-by-run function instead: `optuna_space(study)`.
+Optuna needs a define-by-run function instead: `OptunaSpace(study)`.
 """
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
 from typing import Any
 
 from ray import tune
@@ -92,23 +91,24 @@ def activation_labels(entries: list[ActivationEntry]) -> list[str]:
     return labels
 
 
-def optuna_space(study: StudyConfig) -> Callable[[Any], dict[str, Any]]:
-    """A define-by-run function for `OptunaSearch(space=...)`: Optuna cannot take the conditional activation
-    space as Tune objects. It returns the same config keys as `param_space`; the activation's params are asked
-    under `activation.<entry index>.<param>` (extra keys that `trial_config` ignores)."""
-    searched = study.search.searched()
-    entries = study.search.activations or []
-    labels = activation_labels(entries)
+class OptunaSpace:
+    """The define-by-run space for `OptunaSearch(space=...)`: Optuna cannot take the conditional activation space
+    as Tune objects. Called with an Optuna trial, it returns the same config keys as `param_space`; the
+    activation's params are asked under `activation.<entry index>.<param>` (extra keys that `trial_config`
+    ignores). A plain object, not a closure: Tune saves its searcher's state by pickling it."""
 
-    def define_by_run(trial: Any) -> dict[str, Any]:
-        config = {item.key: item.distribution.suggest(trial, item.key) for item in searched}
-        if entries:
-            index = labels.index(trial.suggest_categorical(ACTIVATION_KEY, labels))
-            config[ACTIVATION_KEY] = entries[index].value(
+    def __init__(self, study: StudyConfig) -> None:
+        self.searched = study.search.searched()
+        self.entries = study.search.activations or []
+        self.labels = activation_labels(self.entries)
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        config = {item.key: item.distribution.suggest(trial, item.key) for item in self.searched}
+        if self.entries:
+            index = self.labels.index(trial.suggest_categorical(ACTIVATION_KEY, self.labels))
+            config[ACTIVATION_KEY] = self.entries[index].value(
                 lambda distribution, name: distribution.suggest(trial, f"{ACTIVATION_KEY}.{index}.{name}"))
         return config
-
-    return define_by_run
 
 
 def describe_space(study: StudyConfig) -> str:

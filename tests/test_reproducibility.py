@@ -23,7 +23,7 @@ from trainers.training import iter_outcomes
 PER_EPOCH = ("epoch", "train_loss", "train_robust_acc", "clean_acc", "robust_acc", "lr")
 
 
-def reproducible_trial(betons, activation="silu", epochs=3):
+def reproducible_trial(betons, activation="silu", epochs=2):
     """One worker, augmentations on (seeded random-resized crops and flips), a 2-step training attack with
     random and clean starts, dropout-free ResNet: every random source the loop has."""
     return digits_trial(betons, epochs=epochs, num_workers=1, max_failures=2,
@@ -66,7 +66,7 @@ def test_a_trial_gives_identical_results_in_two_studies_beside_others_and_after_
     run_study(study("pure-b", trial, ["silu"], concurrent=1), str(storage), mlflow_server)
     beside, beside_weights = study_trial(storage, "pure-a", "silu")
     alone, alone_weights = study_trial(storage, "pure-b", "silu")
-    assert [epoch[0] for epoch in alone] == [0, 1, 2]
+    assert [epoch[0] for epoch in alone] == [0, 1]
     assert beside == alone  # bit-identical, every epoch
     assert_same_weights(beside_weights, alone_weights)
     relu, _ = study_trial(storage, "pure-a", "relu")

@@ -2,6 +2,8 @@
 define-by-run space, and the errors a bad study gets (with the key's path and the accepted values)."""
 from __future__ import annotations
 
+import pickle
+
 import re
 import subprocess
 import sys
@@ -12,7 +14,7 @@ from ray import tune
 from ray.tune.search.variant_generator import generate_variants
 
 from search_spaces.study import load_study, preset_names
-from search_spaces.space import (activation_labels, count_trials, describe_space, optuna_space, param_space,
+from search_spaces.space import (OptunaSpace, activation_labels, count_trials, describe_space, param_space,
                                  trial_params)
 from trainers.activations import activation_params
 from trainers.errors import ConfigError
@@ -20,7 +22,7 @@ from trainers.models import ModelConfig
 from trainers.models.efficientnet import COMPOUND_RULES
 from trainers.trial import TrialConfig
 
-PRESET_TRIALS = {"default": 8, "activation_table": 30, "compound_scaling": 16}
+PRESET_TRIALS = {"default": 4, "activation_table": 30, "compound_scaling": 16}
 
 
 def sampled_configs(study) -> list[dict]:
@@ -45,13 +47,13 @@ def test_preset_samples_are_valid_trials(preset):
     assert describe_space(study).endswith(f"trials: {PRESET_TRIALS[preset]}")
 
 
-def test_default_preset_grid_covers_activations_and_widths():
+def test_default_preset_compares_four_activations_trained_to_the_end():
     study = load_study("default")
     trials = [study.trial_config(config) for config in sampled_configs(study)]
-    assert sorted({(trial.model.activation, trial.model.width_mult) for trial in trials}) == sorted(
-        (activation, width) for activation in ("relu", "silu", "gelu", "softplus") for width in (0.125, 0.25))
-    assert {trial.data.train_path.rsplit("/", 1)[1] for trial in trials} == {"fashion-mnist-train-balanced1600.beton"}
-    assert study.asha_settings().max_t == 2 and study.tune.metric == "robust_acc"
+    assert sorted((trial.model.activation, trial.model.width_mult, trial.train.epochs) for trial in trials) == sorted(
+        (activation, 0.125, 3) for activation in ("relu", "silu", "gelu", "softplus"))
+    assert {trial.data.train_path.rsplit("/", 1)[1] for trial in trials} == {"fashion-mnist-train-balanced4000.beton"}
+    assert study.tune.scheduler == "fifo" and study.tune.metric == "robust_acc"
 
 
 def test_activation_table_has_the_ablation_and_seeds():
@@ -135,11 +137,13 @@ def test_the_study_schema_does_not_import_the_tune_space():
 
 def test_overrides_reach_base_search_and_tune():
     study = load_study("default", ["train.epochs=5", "search.activations=[relu, {name: softplus, params: "
-                                   "{beta: {uniform: [2, 8]}}}]", "tune.num_samples=3", "search.seed={grid: [0, 1]}"])
+                                   "{beta: {uniform: [2, 8]}}}]", "tune.num_samples=3", "search.seed={grid: [0, 1]}",
+                                   "search.scaling={mode: direct, width_mult: {grid: [0.125, 0.25]}}"])
     assert study.base["train"]["epochs"] == 5 and study.asha_settings().max_t == 5
     assert count_trials(study) == 2 * 2 * 2 * 3
     trials = [study.trial_config(config) for config in sampled_configs(study)]
     assert len(trials) == 24 and {trial.train.epochs for trial in trials} == {5}
+    assert {trial.model.width_mult for trial in trials} == {0.125, 0.25}
     betas = [trial.model.activation_params.get("beta") for trial in trials if trial.model.activation == "softplus"]
     assert len(betas) == 12 and all(2 <= beta <= 8 for beta in betas)
     assert all(trial.model.activation_params == {} for trial in trials if trial.model.activation == "relu")
@@ -199,9 +203,10 @@ class RecordingTrial:
 def test_optuna_define_by_run_asks_only_the_drawn_activations_params():
     study = load_study("default", ["search.activation_sampling=choice",
                                    "search.activations=[relu, {name: softplus, params: {beta: {loguniform: [1, 20]}}}]",
-                                   "search.scaling.width_mult={choice: [0.125, 0.25]}",
+                                   "search.scaling={mode: direct, width_mult: {choice: [0.125, 0.25]}}",
                                    "search.optimizer.lr={uniform: [0.05, 0.2]}"])
-    define_by_run = optuna_space(study)
+    # Tune pickles its searcher (and this space with it) whenever it saves the experiment's state.
+    define_by_run = pickle.loads(pickle.dumps(OptunaSpace(study)))
     first, last = RecordingTrial(), RecordingTrial(pick_last=True)
     relu_config, softplus_config = define_by_run(first), define_by_run(last)
     assert "activation.1.beta" not in first.asked and last.asked["activation.1.beta"] == ("float", 1, 20, True, None)
@@ -239,12 +244,13 @@ BAD_STUDIES = [
     (["search.epochs={grid: [2, 0]}"], ["search.epochs", "train.epochs", "greater than or equal to 1"]),
     (["dataset.source=mnist"], ["dataset.source", "fashion-mnist", "image-folder"]),
     (["tune.searcher=optuna"], ["search.activation_sampling", "choice"]),
-    (["search.activation_sampling=choice", "tune.searcher=optuna"], ["search.scaling.width_mult", "grid"]),
+    (["search.activation_sampling=choice", "tune.searcher=optuna",
+      "search.scaling={mode: direct, width_mult: {grid: [0.125, 0.25]}}"], ["search.scaling.width_mult", "grid"]),
     (["data.train_path=x.beton"], ["base.data", "dataset"]),
     (["train.epochs"], ["train.epochs", "key.path=value"]),
     (["=3"], ["key.path=value"]),
     (["search.activations.0.params.beta=3"], ["search.activations.0", "not a mapping"]),
-    (["tune.asha.grace_period=5"], ["tune.asha.grace_period", "max_t (2 epochs)"]),
+    (["tune.scheduler=asha", "tune.asha.grace_period=5"], ["tune.asha.grace_period", "max_t (3 epochs)"]),
 ]
 
 
@@ -264,7 +270,7 @@ def test_unknown_study_names_the_presets():
 def test_dataset_conversions_name_subsets_and_need_separate_eval_data():
     study = load_study("default", ["dataset.max_eval_samples=300"])
     train, evaluation = study.dataset.conversions()
-    assert (train.split, train.limit, evaluation.split, evaluation.limit) == ("train", 1600, "test", 300)
+    assert (train.split, train.limit, evaluation.split, evaluation.limit) == ("train", 4000, "test", 300)
     assert evaluation.path.endswith("/fashion-mnist-test-balanced300.beton") and evaluation.path.startswith("/")
     with pytest.raises(ConfigError, match="same data"):
         load_study("default", ["dataset={source: image-folder, input_dir: /images}"])

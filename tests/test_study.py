@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -66,6 +67,19 @@ def test_study_submitted_as_a_ray_job_is_tracked_in_mlflow(ray_cluster, mlflow_s
     job = subprocess.run(command, capture_output=True, text=True, timeout=900, env=os.environ)  # RAY_AUTH_MODE=token: set by ray_cluster
     assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
     assert "| Rank | Activation" in job.stdout and "succeeded" in job.stdout
+    # The console: the live view as plain lines (no terminal under `ray job submit`), the failure's reason at
+    # once; Ray's, Tune's and the workers' own output in the log files instead.
+    output = job.stdout  # the job's output, inside the `ray job submit` CLI's own (coloured) lines
+    view = [line for line in output.splitlines()
+            if re.match(r"\s*\d+:\d\d  (started|epoch|finished|stopped|FAILED) ", line) or line.startswith("study job-study [")]
+    assert len(view) >= 3 + 4 + 3 and not any("\x1b" in line or "\r" in line for line in view), view
+    assert "started    relu resnet18" in output and "finished   silu resnet18" in output
+    assert "FAILED     elu(alpha=1e+38) resnet18" in output and "DivergenceError" in output
+    for chatter in ("core_worker", "Trial status", "Configuration for experiment", "RayTrainWorker", "(pid="):
+        assert chatter not in output, chatter
+    logs = Path(next(line for line in output.splitlines() if line.strip().startswith("Logs:")).split(":", 1)[1].strip())
+    assert (logs / "driver.log").is_file() and (logs / "ray").is_dir()
+    assert "Configuration for experiment" in (logs / "tune.log").read_text()
 
     client, parents, children = study_runs(mlflow_server, "job-study")
     assert len(parents) == 1 and len(children) == 3
@@ -141,7 +155,8 @@ def _wait_for_a_finished_trial(tracking_uri: str, name: str, driver: subprocess.
 
 def test_driver_killed_then_resumed_loses_and_repeats_nothing(ray_cluster, mlflow_server, digits_betons,
                                                               tmp_path):
-    study = write_study(tmp_path / "study.yaml", digits_betons, "resume-study", ["relu", "silu", "gelu"],
+    # One trial at a time: at the kill the first has finished, the second is under way.
+    study = write_study(tmp_path / "study.yaml", digits_betons, "resume-study", ["relu", "silu"],
                         max_concurrent_trials=1)
     command = [sys.executable, str(SCRIPT), "--config", str(study), "--storage", str(tmp_path / "storage"),
                "--mlflow-uri", mlflow_server]
@@ -163,7 +178,7 @@ def test_driver_killed_then_resumed_loses_and_repeats_nothing(ray_cluster, mlflo
     assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
     client, parents, children = study_runs(mlflow_server, "resume-study")
     assert [run.info.run_id for run in parents] == [run.info.run_id for run in parents_before]  # reused
-    assert sorted(run.data.params["activation"] for run in children) == ["gelu", "relu", "silu"]  # none lost
+    assert sorted(run.data.params["activation"] for run in children) == ["relu", "silu"]  # none lost
     for run in children:
         assert run.data.tags["satscale.trial_state"] == "finished", run.data.params["activation"]
         assert metric_steps(client, run, "robust_acc") == [0, 1]  # no epoch logged twice
@@ -192,5 +207,31 @@ def test_dry_run_prints_the_space_and_trial_count(capsys, tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     assert scale_study_main(["--dry-run"]) == 0
     output = capsys.readouterr().out
-    assert "trials: 8" in output and "relu" in output and "softplus" in output
+    assert "trials: 4" in output and "relu" in output and "softplus" in output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_study_run_again_starts_a_new_run_beside_the_earlier_ones(ray_cluster, digits_betons, tmp_path):
+    from ray import tune
+
+    from orchestrator.preflight import experiment_path, run_path
+    from search_spaces.study import load_study
+    from trainers.errors import ConfigError
+
+    study = load_study(str(write_study(tmp_path / "study.yaml", digits_betons, "again", ["relu"])), [])
+    storage = str(tmp_path / "storage")
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        run_path(study, storage, resume=True)
+    assert run_path(study, storage, resume=False) == experiment_path(storage, study) == f"{storage}/again"
+
+    def finish_run(path: str) -> None:  # a real (empty) Tune experiment where the study's run would write
+        tune.Tuner(lambda config: None, run_config=tune.RunConfig(
+            name=path.rsplit("/", 1)[-1], storage_path=storage, verbose=0)).fit()
+
+    finish_run(run_path(study, storage, resume=False))
+    assert run_path(study, storage, resume=False) == f"{storage}/again-run2"  # the first run is kept
+    assert run_path(study, storage, resume=True) == f"{storage}/again"
+    finish_run(run_path(study, storage, resume=False))
+    assert run_path(study, storage, resume=True) == experiment_path(storage, study) == f"{storage}/again-run2"
+    assert run_path(study, storage, resume=False) == f"{storage}/again-run3"
+    assert sorted(path.name for path in Path(storage).iterdir()) == ["again", "again-run2"]

@@ -2,7 +2,9 @@
 and a real local Ray Tune run; reports; resume idempotency; an unreachable server; secret redaction."""
 from __future__ import annotations
 
+import io
 import math
+import re
 import select
 import socket
 import socketserver
@@ -18,6 +20,7 @@ import torch
 from mlflow import MlflowClient
 from ray import cloudpickle
 
+from orchestrator.console import StudyConsole
 from orchestrator.reports import (StudyRow, leaderboard, leaderboard_markdown, pareto_front, seed_groups,
                                   seed_groups_markdown, write_leaderboard_csv, write_reports)
 from orchestrator.tracking import (REDACTED, MLflowStudyCallback, StudyTracker, load_best_model, redact,
@@ -127,17 +130,19 @@ def test_tune_study_has_parent_and_child_runs_with_params_metrics_and_states(
         ray_cluster, tracker: StudyTracker, mlflow_experiment: str, planted_env_token, tmp_path: Path):
     from ray import tune
 
-    parent = tracker.start_study("study-a", params={"max_epochs": MAX_EPOCHS, "aws_secret_access_key": FAKE_SECRET},
+    parent = tracker.start_study("study-a", "/studies/study-a", params={"max_epochs": MAX_EPOCHS, "aws_secret_access_key": FAKE_SECRET},
                                  tags={"satscale.search": "grid", "launched_with": f"token {FAKE_TOKEN}"})
     callback = MLflowStudyCallback(tracker, parent, all_params, trial_cost, max_epochs=MAX_EPOCHS)
+    console_output = io.StringIO()  # not a terminal: plain lines, as under `ray job submit`
+    console = StudyConsole("study-a", all_params, len(ACTIVATION_QUALITY), MAX_EPOCHS, "PGD-10", console_output)
     space = {**study_config(), "activation": tune.grid_search(list(ACTIVATION_QUALITY)),
              # Credentials a careless config could carry: by name, as an access key id, in a URL, in free text.
              "aws_secret_access_key": FAKE_SECRET, "dataset_owner": FAKE_KEY_ID,
              "dataset_uri": f"https://user:{FAKE_SECRET}@data.example/train.beton", "note": f"uses {FAKE_TOKEN}"}
     # Half a CPU each: all four trials at once on a two-core machine.
     tuner = tune.Tuner(tune.with_resources(synthetic_trial, {"cpu": 0.5}), param_space=space,
-                       run_config=tune.RunConfig(name="study-a", storage_path=str(tmp_path), callbacks=[callback],
-                                                 stop=stop_weak_trials, verbose=0))
+                       run_config=tune.RunConfig(name="study-a", storage_path=str(tmp_path),
+                                                 callbacks=[callback, console], stop=stop_weak_trials, verbose=0))
     results = tuner.fit()
     trial_ids = {result.metrics["trial_id"]: result.config["activation"] for result in results}
     tracker.finish_study(parent)
@@ -148,6 +153,9 @@ def test_tune_study_has_parent_and_child_runs_with_params_metrics_and_states(
     assert parent_run.data.tags["satscale.role"] == "study" and parent_run.data.tags["satscale.study"] == "study-a"
     assert parent_run.info.status == "FINISHED"
     assert parent_run.data.params["aws_secret_access_key"] == REDACTED
+    # Names a person recognises in MLflow's UI, and an experiment it opens on its training runs.
+    assert parent_run.info.run_name == "study-a"
+    assert client.get_experiment(experiment).tags["mlflow.experimentKind"] == "custom_model_development"
 
     children = child_runs(client, experiment, parent)
     by_activation = {trial_ids[run.data.tags["satscale.trial_id"]]: run for run in children}
@@ -157,6 +165,7 @@ def test_tune_study_has_parent_and_child_runs_with_params_metrics_and_states(
     for activation, run in by_activation.items():
         state, status, epochs = expected[activation]
         assert run.data.tags["satscale.role"] == "trial"
+        assert run.info.run_name == f"{activation} resnet18 d0.5 w0.25 32px"
         assert (run.data.tags["satscale.trial_state"], run.info.status) == (state, status), activation
         params = run.data.params
         assert set(STUDY_PARAMS) <= set(params)
@@ -187,23 +196,45 @@ def test_tune_study_has_parent_and_child_runs_with_params_metrics_and_states(
     assert callback.unlogged == []
     assert_no_secrets(client, experiment)
 
+    # The live view: every trial's start, epochs and end on one line each, the failure's reason at once, the
+    # study's progress after each trial's end; no escape codes off a terminal.
+    lines = console_output.getvalue().splitlines()
+    assert "\x1b" not in console_output.getvalue() and "\r" not in console_output.getvalue()
+    events = [line.split(maxsplit=1)[1] for line in lines if not line.startswith("study ")]
+    name = "resnet18 d0.5 w0.25 32px"
+    assert sorted(event for event in events if event.startswith("started")) == sorted(
+        f"started    {activation} {name}" for activation in ACTIVATION_QUALITY)
+    assert f"epoch 3/3  silu {name}  clean  80.0 %  PGD-10  40.0 %" in events
+    assert f"finished   silu {name}  clean  80.0 %  PGD-10  40.0 %  (3 epochs)" in events
+    assert (f"stopped    relu {name}  clean  32.0 %  PGD-10  16.0 %  (stopped early by the scheduler after 1 of 3 "
+            "epochs)") in events
+    assert f"FAILED     broken {name}: ValueError: synthetic divergence in 'broken'" in events
+    progress = [line for line in lines if line.startswith("study ")]
+    assert len(progress) == len(ACTIVATION_QUALITY)  # one per ended trial
+    assert re.fullmatch(r"study study-a \[#{20}\] 4/4 trials ended, 0 running, 8/8 epochs, \d+:\d\d elapsed",
+                        progress[-1]), progress[-1]
+
 
 # --- (b) resume: parent, children and epochs are reused, never duplicated ----------------------------------------
-def test_start_study_reuses_an_unfinished_parent_and_a_finished_one_only_on_resume(tracker: StudyTracker):
-    first = tracker.start_study("study-b", params={"max_epochs": 3})
-    assert tracker.start_study("study-b", params={"max_epochs": 3}) == first
+def test_start_study_reuses_its_own_runs_parent_only_on_resume(tracker: StudyTracker):
+    first = tracker.start_study("study-b", "/studies/study-b", params={"max_epochs": 3})
     tracker.finish_study(first, "KILLED")
-    assert tracker.start_study("study-b") == first  # interrupted: continue it
-    tracker.finish_study(first)
-    assert tracker.start_study("study-b", resume=True) == first
+    assert tracker.start_study("study-b", "/studies/study-b", resume=True) == first  # interrupted: continue it
     assert tracker.client.get_run(first).info.status == "RUNNING"
+    # A new run of the study (its own results folder) never nests under another run's parent, finished or not.
+    second = tracker.start_study("study-b", "/studies/study-b-run2")
+    assert second != first and tracker.client.get_run(second).info.run_name == "study-b-run2"
+    assert tracker.start_study("study-b", "/studies/study-b-run2", resume=True) == second
+    assert tracker.study_run_id("study-b", "/studies/study-b") == first
+    assert tracker.study_run_id("study-b", "/studies/study-b-run2") == second
+    assert tracker.study_run_id("study-b", "/studies/study-b-run3") is None
     tracker.finish_study(first)
-    assert tracker.start_study("study-b") != first  # a finished study started again without --resume
+    assert tracker.start_study("study-b", "/studies/study-b") != first  # not resumed: a new parent
 
 
 def test_trial_run_and_log_epoch_are_idempotent_across_trackers(tracker: StudyTracker, mlflow_server: str,
                                                                mlflow_experiment: str):
-    parent = tracker.start_study("study-c")
+    parent = tracker.start_study("study-c", "/studies/study-c")
     child = tracker.trial_run(parent, "trial_00001", study_config())
     assert tracker.trial_run(parent, "trial_00001", study_config()) == child
     assert tracker.log_epoch(child, {"clean_acc": 0.5, "robust_acc": math.inf, "label": "x", "flag": True}, 0) == 1
@@ -212,7 +243,7 @@ def test_trial_run_and_log_epoch_are_idempotent_across_trackers(tracker: StudyTr
 
     # A new driver process (resumed study): same parent, same child (running again), no replayed epoch twice.
     resumed = StudyTracker(mlflow_server, mlflow_experiment)
-    assert resumed.start_study("study-c", resume=True) == parent
+    assert resumed.start_study("study-c", "/studies/study-c", resume=True) == parent
     assert resumed.trial_run(parent, "trial_00001", study_config()) == child
     assert resumed.log_epoch(child, {"clean_acc": 0.5}, 0) == 0
     assert resumed.log_epoch(child, {"clean_acc": 0.6, "robust_acc": 0.3}, 1) == 2
@@ -227,7 +258,7 @@ def test_trial_run_and_log_epoch_are_idempotent_across_trackers(tracker: StudyTr
 def test_an_interrupted_study_resumes_into_the_same_runs_through_the_callback(tracker: StudyTracker,
                                                                             mlflow_server: str,
                                                                             mlflow_experiment: str):
-    parent = tracker.start_study("study-d")
+    parent = tracker.start_study("study-d", "/studies/study-d")
     done = FakeTrial("done_00000", study_config("softplus"))
     cut = FakeTrial("cut_00001", study_config("silu"))
     before = MLflowStudyCallback(tracker, parent, all_params, max_epochs=MAX_EPOCHS)
@@ -244,7 +275,7 @@ def test_an_interrupted_study_resumes_into_the_same_runs_through_the_callback(tr
     before.on_trial_result(0, [], cut, cut.last_result)
     # The driver dies here. The resumed study restores `cut` from its epoch-0 checkpoint, so epoch 0's result
     # may be reported again; `done` is not re-run.
-    assert StudyTracker(mlflow_server, mlflow_experiment).start_study("study-d", resume=True) == parent
+    assert StudyTracker(mlflow_server, mlflow_experiment).start_study("study-d", "/studies/study-d", resume=True) == parent
     after = cloudpickle.loads(pickled_by_tuner)
     after.on_trial_start(0, [], cut)
     for epoch in range(MAX_EPOCHS):
@@ -342,7 +373,7 @@ def test_reports_are_logged_on_the_parent_run_and_stored_in_s3(tracker: StudyTra
         # Not a blank canvas: markers and the frontier line draw many colours.
         assert len(np.unique(np.asarray(image.convert("RGB")).reshape(-1, 3), axis=0)) > 20
 
-    parent = tracker.start_study("study-e")
+    parent = tracker.start_study("study-e", "/studies/study-e")
     tracker.log_reports(parent, tmp_path / "reports")
     listed = {Path(info.path).name: info.file_size for info in tracker.client.list_artifacts(parent, "reports")}
     assert set(listed) == {"leaderboard.csv", "leaderboard.md", "pareto.png"}
@@ -364,7 +395,7 @@ def test_best_model_is_logged_in_a_safe_format_and_loads_back(tracker: StudyTrac
     torch.manual_seed(0)
     model = build_model("resnet18", 10, activation="softplus", activation_params={"beta": 10.0}, width_mult=0.125,
                         depth_mult=0.25, resolution=16).eval()
-    parent = tracker.start_study("study-f")
+    parent = tracker.start_study("study-f", "/studies/study-f")
     model_uri = tracker.log_best_model(parent, model, "best_model")
     assert model_uri == f"runs:/{parent}/best_model"
 
@@ -449,7 +480,7 @@ def forwarding_proxy(port: int, upstream_port: int) -> _Forwarder:
 def test_queued_calls_reach_the_server_once_it_is_back(mlflow_server: str, mlflow_experiment: str):
     port = free_loopback_port()
     tracker = StudyTracker(f"http://127.0.0.1:{port}", mlflow_experiment, request_timeout_s=2, max_retries=0)
-    parent = StudyTracker(mlflow_server, mlflow_experiment).start_study("study-g")
+    parent = StudyTracker(mlflow_server, mlflow_experiment).start_study("study-g", "/studies/study-g")
     callback = MLflowStudyCallback(tracker, parent, all_params, max_epochs=MAX_EPOCHS, retry_interval_s=0)
     trial = FakeTrial("t_00000", study_config())
     callback.on_trial_start(0, [trial], trial)
@@ -482,7 +513,7 @@ def test_redact_masks_credentials_by_name_by_shape_and_by_environment_value(plan
 
 
 def test_no_credential_in_any_param_or_tag(tracker: StudyTracker, mlflow_experiment: str, planted_env_token):
-    parent = tracker.start_study("study-h", params={"AWS_ACCESS_KEY_ID": FAKE_KEY_ID, "storage": f"t={FAKE_TOKEN}"},
+    parent = tracker.start_study("study-h", "/studies/study-h", params={"AWS_ACCESS_KEY_ID": FAKE_KEY_ID, "storage": f"t={FAKE_TOKEN}"},
                                  tags={"aws_session_token": FAKE_TOKEN, "owner": FAKE_KEY_ID})
     child = tracker.trial_run(parent, "t_00000", {**study_config(), "secret_key": FAKE_SECRET, "who": FAKE_KEY_ID})
     tracker.finish_trial(child, "failed", f"ClientError: token {FAKE_TOKEN} expired for {FAKE_KEY_ID}")

@@ -106,6 +106,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     # Imported here, on the worker: each trial's Tune actor imports this module for `build_trainer` and never
     # reads data, so it should not pay for FFCV's import and numba compilation (benchmarks/README.md).
+    from trainers.data import set_jit_opt_level
+
+    set_jit_opt_level(trial.loader_jit_opt_level())
     from trainers.data.loaders import build_loaders
 
     loaders = build_loaders(trial.data.train_path, trial.data.eval_path, trial.loader_config(),

@@ -256,7 +256,8 @@ def iter_outcomes(model: nn.Module, loader: Iterable, attack: AttackConfig | Non
 def evaluate(model: nn.Module, loader: Iterable, attack: AttackConfig | None, device: torch.device,
              autocast_dtype: torch.dtype | None = None, max_batches: int | None = None,
              channels_last: bool = False, seed: int = 0, epoch: int = 0) -> dict[str, float]:
-    """Clean accuracy and, with `attack`, accuracy under it (`robust_acc`); over all ranks' shards. The attack's
+    """Clean accuracy and, with `attack`, accuracy under it (`robust_acc`), and how many images they count
+    (`eval_images`); over all ranks' shards. The attack's
     random starts come from the `eval_attack` stream of (`seed`, rank, `epoch`)."""
     generator = stream_generator(seed, "eval_attack", _rank(), epoch, device=device)
     # Device-side counters: no host sync per batch on a GPU.
@@ -270,7 +271,7 @@ def evaluate(model: nn.Module, loader: Iterable, attack: AttackConfig | None, de
             robust_correct += robust.sum()
         seen += clean.numel()
     clean_correct, robust_correct, seen = global_sum(clean_correct, robust_correct, seen)
-    metrics = {"clean_acc": clean_correct / max(seen, 1)}
+    metrics = {"clean_acc": clean_correct / max(seen, 1), "eval_images": int(seen)}
     if attack:
         metrics["robust_acc"] = robust_correct / max(seen, 1)
     return metrics

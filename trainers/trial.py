@@ -31,6 +31,10 @@ class DataConfig(BaseModel):
     eval_path: str = Field(min_length=1)
     # FFCV decoding threads per Train worker (FFCV refuses more than the worker's visible cores).
     loader_workers: int = Field(1, ge=1)
+    # numba's optimisation level (NUMBA_OPT, 0-3) for the loader pipeline FFCV compiles in every worker. None: 0 on
+    # CPU workers, where compiling at 0 starts a trial seconds sooner and the loader, at 0.4-0.7x its rate at 3,
+    # still outruns CPU adversarial training some 40x; 3 (numba's default) with GPUs (benchmarks/README.md).
+    jit_opt_level: int | None = Field(None, ge=0, le=3)
     progressive: ProgressiveResizing | None = None
     # Any other LoaderConfig field (crops, flips, order, eval_resolution, cache_dir, ...).
     loader_options: dict[str, Any] = Field(default_factory=dict)
@@ -155,6 +159,12 @@ class TrialConfig(BaseModel):
                             distributed=self.workers.num_workers > 1, seed=self.train.seed, eval_samples=eval_samples,
                             num_workers=self.data.loader_workers, progressive=self.data.progressive,
                             **self.data.loader_options)
+
+    def loader_jit_opt_level(self) -> int:
+        """`data.jit_opt_level`, or its default for these workers (0 on CPUs, 3 with GPUs)."""
+        if self.data.jit_opt_level is not None:
+            return self.data.jit_opt_level
+        return 3 if self.workers.use_gpu else 0
 
     def batch_summary(self) -> dict[str, float]:
         """The batch and LR arithmetic, logged with every run."""

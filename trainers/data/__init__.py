@@ -7,6 +7,8 @@ and Loader here runs under `torch_threads_kept()`, so a process keeps the thread
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -20,3 +22,12 @@ def torch_threads_kept() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def set_jit_opt_level(level: int) -> None:
+    """numba's optimisation level for what FFCV compiles in this process. numba fixes it when it sets up its code
+    generator, at the first compilation (FFCV's import makes one): call this before importing FFCV."""
+    os.environ["NUMBA_OPT"] = str(level)
+    if "numba.core.config" in sys.modules:  # numba read the variable at its import: set what it read
+        config = sys.modules["numba.core.config"]
+        config.OPT = config._process_opt_level(str(level))
