@@ -194,7 +194,8 @@ def test_a_study_scales_a_gpu_node_type_up_from_zero_and_back(fake_autoscaling_c
     assert _node_types(gcs_address) == [HEAD_TYPE]  # no worker node before the study
 
     command = [sys.executable, str(SCRIPT), "--config", str(_study_file(tmp_path / "study.yaml", digits_betons)),
-               "--storage", str(tmp_path / "storage"), "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+               "--storage", str(tmp_path / "storage"), "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+               "--verbose"]  # Tune's own status lines too: they name the resources the trial's driver took
     log_path = tmp_path / "study.log"
     with open(log_path, "w") as log:
         study = subprocess.Popen(command, env={**os.environ, "RAY_ADDRESS": gcs_address}, stdout=log,
