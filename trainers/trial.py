@@ -32,8 +32,8 @@ class DataConfig(BaseModel):
     # FFCV decoding threads per Train worker (FFCV refuses more than the worker's visible cores).
     loader_workers: int = Field(1, ge=1)
     # numba's optimisation level (NUMBA_OPT, 0-3) for the loader pipeline FFCV compiles in every worker. None: 0 on
-    # CPU workers, where compiling at 0 starts a trial seconds sooner and the loader, at 0.4-0.7x its rate at 3,
-    # still outruns CPU adversarial training some 40x; 3 (numba's default) with GPUs (benchmarks/README.md).
+    # CPU workers, where compiling at 0 starts a trial seconds sooner and the loader, at 0.3-0.5x its rate at 3,
+    # still outruns CPU adversarial training 40x or more; 3 (numba's default) with GPUs (benchmarks/README.md).
     jit_opt_level: int | None = Field(None, ge=0, le=3)
     progressive: ProgressiveResizing | None = None
     # Any other LoaderConfig field (crops, flips, order, eval_resolution, cache_dir, ...).
