@@ -55,12 +55,14 @@ def experiment_path(storage_path: str, study: StudyConfig) -> str:
     return runs[-1] if runs else _run_path(storage_path, study, 1)
 
 
-def check_study_inputs(study: StudyConfig, storage_path: str, resume: bool) -> None:
-    """Everything below, in order; the cluster check needs a connected Ray."""
+def check_study_inputs(study: StudyConfig, storage_path: str, resume: bool) -> str:
+    """Everything below, in order; the cluster check needs a connected Ray. Returns where this run of the study
+    keeps its Tune experiment (`run_path`)."""
     check_storage(storage_path)
-    run_path(study, storage_path, resume)
+    results_path = run_path(study, storage_path, resume)
     check_data(study)
     check_cluster_capacity(TrialConfig.parse(study.base_values()).workers)
+    return results_path
 
 
 # ------------------------------------------------------------------------------------------------ storage

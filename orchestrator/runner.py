@@ -30,7 +30,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from cluster import TRIAL_DRIVER_RESOURCE
 from orchestrator.console import ConsoleSettings
-from orchestrator.preflight import check_study_inputs, cluster_capacity, pending_conversions, run_path
+from orchestrator.preflight import check_study_inputs, cluster_capacity, pending_conversions
 from orchestrator.reports import StudyRow, leaderboard, write_reports
 from orchestrator.tracking import MLflowStudyCallback, StudyTracker, is_permanent, study_rows, ui_url
 from orchestrator.trial_driver import run_trial
@@ -230,8 +230,7 @@ def run_study(study: StudyConfig, storage_path: str, tracking_uri: str, resume: 
     `console`, the live view of `orchestrator.console` shows it on the terminal (the command line's way)."""
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", EXPERIMENT_STATE_PERIOD_S)
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_INTERVAL_S)
-    check_study_inputs(study, storage_path, resume)  # before anything is converted, tracked or stored
-    results_path = run_path(study, storage_path, resume)
+    results_path = check_study_inputs(study, storage_path, resume)  # before anything is converted, tracked or stored
     _keep_credentials_out_of_trial_runtime_envs()
     params, cost = _study_functions(study)
     callbacks, logs_dir = console.start(study, results_path, params) if console else ([], None)
