@@ -4,12 +4,14 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing
+from ffcv.loader.epoch_iterator import EpochIterator
 from ffcv.transforms import NormalizeImage
 from pydantic import ValidationError
 
@@ -255,6 +257,46 @@ loader = build_train_loader({str(digits_betons["train"])!r}, LoaderConfig(batch_
 next(iter(loader))
 print(torch.get_num_threads())
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parent.parent)
+    out = run_python(code)
     assert out.stdout.strip().splitlines()[-1] == "3"
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter at the repo root; a crash fails with what the process printed."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, f"exit status {out.returncode}\n{out.stdout}\n{out.stderr}"
+    return out
+
+
+def running_epochs() -> list[EpochIterator]:
+    return [thread for thread in threading.enumerate() if isinstance(thread, EpochIterator) and thread.is_alive()]
+
+
+def test_an_epoch_left_early_stops_its_thread_before_its_memory_is_freed(digits_betons):
+    """FFCV's close() unmaps an epoch's batches while its thread may still be decoding into them."""
+    loader = build_train_loader(digits_betons["train"], LoaderConfig(batch_size=8, resolution=16))
+    for batch_index, _batch in enumerate(loader):
+        if batch_index == 1:
+            break
+    assert running_epochs() == []
+    assert sum(1 for _ in loader) == len(loader)  # the loader still serves whole epochs
+
+
+def test_a_process_that_exits_mid_epoch_stops_the_epoch_first(digits_betons):
+    """A process exiting mid-epoch tore down under FFCV's daemon thread (SIGABRT at exit, once in CI). atexit
+    handlers run last-registered first: the check registered before the loaders runs after their stop."""
+    code = f"""
+import atexit, threading
+def check():
+    from ffcv.loader.epoch_iterator import EpochIterator
+    alive = [t for t in threading.enumerate() if isinstance(t, EpochIterator) and t.is_alive()]
+    print("epoch threads at exit:", len(alive))
+atexit.register(check)
+from trainers.data.loader_config import LoaderConfig
+from trainers.data.loaders import build_train_loader
+loader = build_train_loader({str(digits_betons["train"])!r}, LoaderConfig(batch_size=8, resolution=16))
+batches = iter(loader)
+next(batches)
+"""
+    assert run_python(code).stdout.strip().splitlines()[-1] == "epoch threads at exit: 0"

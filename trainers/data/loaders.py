@@ -13,10 +13,16 @@ FFCV 1.0.2 traps handled here:
   built and at every epoch: restored here (``trainers.data.torch_threads_kept``), so the caller's thread count,
   and a trial's kernels, stay its own;
 - its random crops and flips ignore ``seed=``: the training augmentations here are ``trainers.data.augment``'s
-  seeded ones, so a loader's batches are a function of (file, config, epoch).
+  seeded ones, so a loader's batches are a function of (file, config, epoch);
+- an epoch's ``close()`` (also from ``__del__``) frees the batch memory without waiting for the epoch's daemon
+  thread, which may still be filling a batch, and a process that exits mid-epoch tears down under that thread
+  (seen as SIGABRT/SIGSEGV at exit): an epoch left early is stopped here, thread joined before memory is freed,
+  and any epoch still running at exit is stopped the same way (``stop_epoch``, ``atexit``).
 """
 from __future__ import annotations
 
+import atexit
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +37,7 @@ with torch_threads_kept():  # FFCV's first import sets torch's thread count (tra
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, ResizedCropRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
+    from ffcv.loader.epoch_iterator import EpochIterator
     from ffcv.reader import Reader
     from ffcv.transforms import Squeeze, ToTensor, ToTorchImage
 
@@ -41,6 +48,25 @@ from trainers.data.loader_config import LoaderConfig
 from trainers.data.manifest import Manifest, read_manifest, verify_file
 from trainers.data.s3 import check_remote_dataset, is_s3_uri, stage_dataset
 from trainers.data.subsets import balanced_subset
+
+# The epoch thread notices a stop when its output queue is full, every 0.5 s, after at most batches_ahead batches.
+_EPOCH_STOP_TIMEOUT_S = 30.0
+
+
+def stop_epoch(epoch: EpochIterator) -> None:
+    """Stop an FFCV epoch's thread, then free its memory (FFCV's own close() frees it under the thread)."""
+    epoch.terminate_event.set()
+    if epoch.is_alive() and epoch is not threading.current_thread():
+        epoch.join(_EPOCH_STOP_TIMEOUT_S)
+    epoch.close()
+
+
+@atexit.register
+def _stop_running_epochs() -> None:
+    for thread in threading.enumerate():
+        if isinstance(thread, EpochIterator):
+            stop_epoch(thread)
+
 
 _ORDERS = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM,
            "sequential": OrderOption.SEQUENTIAL}
@@ -103,7 +129,15 @@ class EpochLoader:
         self.decoder.output_size = (self.resolution, self.resolution)
         self.augment_key.set_epoch(self.loader.next_epoch)
         with torch_threads_kept():
-            return iter(self.loader)
+            epoch = iter(self.loader)
+        return self._batches(epoch)
+
+    @staticmethod
+    def _batches(epoch: EpochIterator) -> Iterator[tuple[torch.Tensor, ...]]:
+        try:
+            yield from epoch
+        finally:  # also when the consumer leaves early (break, max_batches) and the generator is closed
+            stop_epoch(epoch)
 
     def __len__(self) -> int:
         return len(self.loader)
