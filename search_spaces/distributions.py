@@ -24,6 +24,9 @@ from ray import tune
 
 # Option types Optuna's suggest_categorical accepts.
 _OPTUNA_CATEGORICAL_TYPES = (type(None), bool, int, float, str)
+# Where inside a continuous range the load-time check draws its inner value: off the middle, so a range of
+# whole numbers ([2, 6]) still yields a fractional draw, as the samplers do.
+_INNER_FRACTION = 0.381966
 
 
 class Distribution:
@@ -38,8 +41,14 @@ class Distribution:
         raise NotImplementedError
 
     def candidates(self) -> tuple[Any, ...]:
-        """Values that bound what can be drawn (every option, or both ends of a range): checked at load time."""
+        """Values that stand for everything it can draw, of the type its samplers return (every option; a
+        range's ends and a value inside): what the load-time checks try in trial configs."""
         raise NotImplementedError
+
+    @property
+    def draws_floats(self) -> bool:
+        """Whether it draws floats whatever its bounds are written as (uniform, loguniform, quniform)."""
+        return False
 
     def suggest(self, trial: Any, name: str) -> Any:
         """Draw the value from an Optuna trial (define-by-run)."""
@@ -150,7 +159,14 @@ class Uniform(Distribution):
         return tune.uniform(self.lo, self.hi)
 
     def candidates(self) -> tuple[Any, ...]:
-        return (self.lo, self.hi)
+        return (float(self.lo), self._inner(), float(self.hi))
+
+    def _inner(self) -> float:
+        return self.lo + (self.hi - self.lo) * _INNER_FRACTION
+
+    @property
+    def draws_floats(self) -> bool:
+        return True
 
     def suggest(self, trial: Any, name: str) -> Any:
         return trial.suggest_float(name, self.lo, self.hi)
@@ -172,6 +188,9 @@ class LogUniform(Uniform):
 
     def to_tune(self) -> Any:
         return tune.loguniform(self.lo, self.hi)
+
+    def _inner(self) -> float:
+        return self.lo * (self.hi / self.lo) ** _INNER_FRACTION
 
     def suggest(self, trial: Any, name: str) -> Any:
         return trial.suggest_float(name, self.lo, self.hi, log=True)
@@ -196,7 +215,13 @@ class QUniform(Distribution):
         return tune.quniform(self.lo, self.hi, self.q)
 
     def candidates(self) -> tuple[Any, ...]:
-        return (self.lo, self.hi)
+        # Tune rounds each draw to a multiple of q (as a float): the ends and an inner value, rounded alike.
+        inner = self.lo + (self.hi - self.lo) * _INNER_FRACTION
+        return tuple(dict.fromkeys(float(round(value / self.q) * self.q) for value in (self.lo, inner, self.hi)))
+
+    @property
+    def draws_floats(self) -> bool:
+        return True
 
     def suggest(self, trial: Any, name: str) -> Any:
         return trial.suggest_float(name, self.lo, self.hi, step=self.q)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from trainers.data.sources import SOURCE_FORMATS
 from trainers.errors import ConfigError, one_of, validated
 from trainers.models.efficientnet import ALPHA, BETA, COMPOUND_RULES, GAMMA
 from trainers.trial import TrialConfig
-from trainers.training import OptimizerConfig
+from trainers.training import OBJECTIVES, OptimizerConfig, objectives
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 # EfficientNet's compound-scaling constraint: doubling FLOPs per unit of phi (alpha * beta**2 * gamma**2 = 2).
@@ -367,9 +368,10 @@ class StudyConfig(BaseModel):
 
 
 def _check_trials(study: StudyConfig) -> None:
-    """Every activation's parameters, then every searched value, tried in a complete trial config. The
-    activations come first: the trials that check the other values use the first one, so its errors must
-    already read `search.activations[i]`."""
+    """Every activation's parameters, then every searched value, then every combination of them (rules between
+    fields, e.g. warm-up below epochs), each tried in a complete trial config. The activations come first: the
+    trials that check the other values use the first one, so its errors must already read
+    `search.activations[i]`."""
     study.base_values()  # the base alone first, so its errors read `base.<path>`
     for index, entry in enumerate(study.search.activations or ()):
         first = {name: value.candidates()[0] for name, value in entry.params.items()}
@@ -387,16 +389,78 @@ def _check_trials(study: StudyConfig) -> None:
             try:
                 study.trial_config({**sample, searched.key: value})
             except ConfigError as error:
-                raise ConfigError(f"{searched.path}: {value!r} makes an invalid trial:\n{error}") from None
+                raise ConfigError(f"{searched.path}: {value!r} makes an invalid trial:\n{error}"
+                                  + _FLOAT_HINT * searched.distribution.draws_floats) from None
+    for combination in _value_combinations(_searched_values(study)):
+        try:
+            study.trial_config({**sample, **{key: value for _path, key, value in combination}})
+        except ConfigError as error:
+            together = " with ".join(f"{path}={value!r}" for path, _key, value in combination)
+            raise ConfigError(f"search: {together} makes an invalid trial:\n{error}\nevery combination the "
+                              "search can draw must make a valid trial; narrow one of these ranges") from None
+
+
+_FLOAT_HINT = ("\n(uniform, loguniform and quniform draw floats; for a whole-number setting use "
+               "{randint: [lo, hi]} or {choice: [...]})")
+# Up to this many, every combination of the searched values is tried; beyond, every pair of them (all rules
+# between two settings), at a few ms per thousand trial configs.
+_MAX_COMBINATIONS = 4096
+
+
+def _searched_values(study: StudyConfig) -> list[list[tuple[str, str, Any]]]:
+    """Per searched setting, its candidate values as (path, config key, value); the activation is one setting
+    whose values are each entry with each combination of its parameters' candidates."""
+    settings = [[(item.path, item.key, value) for value in item.distribution.candidates()]
+                for item in study.search.searched()]
+    activations = []
+    for index, entry in enumerate(study.search.activations or ()):
+        names = list(entry.params)
+        for values in itertools.product(*(entry.params[name].candidates() for name in names)):
+            chosen = dict(zip(names, values))
+            activations.append((f"search.activations[{index}]", ACTIVATION_KEY,
+                                entry.value(lambda _distribution, name: chosen[name])))
+    return [values for values in (*settings, activations) if len(values) > 1]
+
+
+def _value_combinations(settings: list[list[tuple[str, str, Any]]]):
+    if math.prod(len(values) for values in settings) <= _MAX_COMBINATIONS:
+        yield from itertools.product(*settings)
+        return
+    for first, second in itertools.combinations(settings, 2):
+        yield from itertools.product(first, second)
 
 
 def _check_tune(study: StudyConfig) -> None:
+    _check_metric(study)
     asha = study.asha_settings()
     if study.tune.scheduler == "asha" and asha.grace_period > asha.max_t:
         raise ConfigError(f"tune.asha.grace_period: {asha.grace_period} exceeds max_t ({asha.max_t} epochs); "
                           "lower it or use scheduler: fifo")
+    if study.tune.scheduler == "asha" and asha.max_t < study.max_epochs():
+        raise ConfigError(f"tune.asha.max_t: {asha.max_t} is below the {study.max_epochs()} epochs trials can run, "
+                          f"so ASHA would stop every longer trial at epoch {asha.max_t}; remove max_t (it follows "
+                          "the epochs) or lower the epochs")
     if study.tune.searcher == "optuna":
         _check_optuna(study)
+
+
+def _check_metric(study: StudyConfig) -> None:
+    """Tune ranks trials by a metric every epoch reports, in the direction in which it is better (a missing one
+    would only fail inside Tune, after trials ran)."""
+    metric, mode = study.tune.metric, study.tune.mode
+    if metric not in OBJECTIVES:
+        raise ConfigError(f"tune.metric: {metric!r} is not a metric trials report to rank them by; accepted: "
+                          f"{', '.join(OBJECTIVES)}")
+    if mode != OBJECTIVES[metric]:
+        raise ConfigError(f"tune.mode: {mode!r} would rank the trials with the worst {metric} first; set mode: "
+                          f"{OBJECTIVES[metric]}")
+    sample = study.representative_sample()
+    variations = [("", {})] + [(f" with {item.path}={value!r}", {item.key: value})
+                               for item in study.search.searched() for value in item.distribution.candidates()]
+    for where, variation in variations:
+        if metric not in objectives(study.trial_config({**sample, **variation}).train):
+            raise ConfigError(f"tune.metric: {metric!r} needs an eval attack, but trials{where} have none "
+                              "(train.eval_attack is null); set train.eval_attack or tune.metric: clean_acc")
 
 
 def _check_optuna(study: StudyConfig) -> None:

@@ -253,6 +253,17 @@ def iter_outcomes(model: nn.Module, loader: Iterable, attack: AttackConfig | Non
         yield clean, robust
 
 
+# The per-epoch metrics of train_one_epoch and evaluate that a study can rank its trials by (Tune's metric), with
+# the direction that is better. robust_acc is reported only by trials with an eval attack.
+OBJECTIVES: dict[str, Literal["max", "min"]] = {
+    "robust_acc": "max", "clean_acc": "max", "train_robust_acc": "max", "train_loss": "min", "images_per_s": "max"}
+
+
+def objectives(config: TrainConfig) -> dict[str, Literal["max", "min"]]:
+    """The OBJECTIVES every epoch of a trial with `config` reports."""
+    return {name: mode for name, mode in OBJECTIVES.items() if name != "robust_acc" or config.eval_attack}
+
+
 def evaluate(model: nn.Module, loader: Iterable, attack: AttackConfig | None, device: torch.device,
              autocast_dtype: torch.dtype | None = None, max_batches: int | None = None,
              channels_last: bool = False, seed: int = 0, epoch: int = 0) -> dict[str, float]:
