@@ -108,13 +108,17 @@ class StudyConsole(Callback):
         self.__dict__.update(state)
         self._attach(None)
 
+    def _params(self, trial: Trial) -> dict[str, Any]:
+        return self._trial_params(trial.config) if trial.config else {}  # Tune may restore a trial without one
+
     def _label(self, trial: Trial) -> str:
         if trial.trial_id not in self._labels:
-            self._labels[trial.trial_id] = trial_label(self._trial_params(trial.config))
+            params = self._params(trial)
+            self._labels[trial.trial_id] = trial_label(params) if params else trial.trial_id
         return self._labels[trial.trial_id]
 
     def _planned_epochs(self, trial: Trial) -> int:
-        return int(self._trial_params(trial.config).get("epochs", self._max_epochs))
+        return int(self._params(trial).get("epochs", self._max_epochs))
 
     def _accuracies(self, result: Mapping[str, Any]) -> str:
         return f"clean {_percent(result.get('clean_acc'))}  {self._robust_name} {_percent(result.get('robust_acc'))}"
@@ -231,6 +235,16 @@ class ConsoleSettings:
 _LIBRARY_LOGGERS = ("", "ray", "mlflow", "alembic", "urllib3", "botocore", "py.warnings")
 
 
+DRIVER_LOG = "driver.log"
+
+
+def driver_log() -> str | None:
+    """The driver log file `send_logs_to` opened in this process, if any."""
+    return next((handler.baseFilename for handler in logging.getLogger().handlers
+                 if isinstance(handler, logging.FileHandler) and handler.baseFilename.endswith(f"/{DRIVER_LOG}")),
+                None)
+
+
 def send_logs_to(logs_dir: Path) -> Path:
     """Ray's, Tune's and the libraries' log records and Python warnings from this process go to
     `logs_dir/driver.log` instead of the console; the local Ray's own log folder (every worker's and Ray
@@ -238,7 +252,7 @@ def send_logs_to(logs_dir: Path) -> Path:
     import ray
 
     logs_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(logs_dir / "driver.log")
+    handler = logging.FileHandler(logs_dir / DRIVER_LOG)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     for name in _LIBRARY_LOGGERS:
         logger = logging.getLogger(name)

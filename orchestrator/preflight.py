@@ -7,9 +7,11 @@ problem is a ConfigError naming the setting at fault and the fix.
 """
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pyarrow
@@ -60,6 +62,8 @@ def check_study_inputs(study: StudyConfig, storage_path: str, resume: bool) -> s
     keeps its Tune experiment (`run_path`)."""
     check_storage(storage_path)
     results_path = run_path(study, storage_path, resume)
+    if resume:
+        check_unchanged(study, results_path)
     check_data(study)
     check_cluster_capacity(TrialConfig.parse(study.base_values()).workers)
     return results_path
@@ -109,6 +113,52 @@ def run_path(study: StudyConfig, storage_path: str, resume: bool) -> str:
                               "--resume to start the study")
         return runs[-1]
     return _run_path(storage_path, study, len(runs) + 1)
+
+
+# The study as its run started, kept beside Tune's state: `--resume` must continue that study, not another.
+STUDY_FILE = "satscale-study.json"
+# Settings that change no trial and no search: free to change between a run and its resume.
+_FREE_TO_CHANGE = frozenset({"description"})
+
+
+def _filesystem(path: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    if "://" in path:
+        return pyarrow.fs.FileSystem.from_uri(path)
+    return pyarrow.fs.LocalFileSystem(), path
+
+
+def save_study(study: StudyConfig, results_path: str) -> None:
+    """Keep the study's settings with its run (a new run; a resumed one keeps the first's)."""
+    filesystem, path = _filesystem(results_path)
+    filesystem.create_dir(path, recursive=True)
+    with filesystem.open_output_stream(f"{path}/{STUDY_FILE}") as stream:
+        stream.write(json.dumps(study.model_dump(mode="json"), indent=1, sort_keys=True).encode())
+
+
+def _changes(saved: Any, current: Any, path: str = "") -> list[str]:
+    """The dotted paths at which two JSON values differ."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return [change for key in sorted({*saved, *current})
+                for change in _changes(saved.get(key), current.get(key), f"{path}.{key}" if path else key)]
+    return [] if saved == current else [path]
+
+
+def check_unchanged(study: StudyConfig, results_path: str) -> None:
+    """`--resume` continues the run Tune saved, with its search space, searcher, scheduler and metric; trials
+    would get the new base values beside them. A study file changed since is refused, naming what changed."""
+    filesystem, path = _filesystem(results_path)
+    try:
+        with filesystem.open_input_stream(f"{path}/{STUDY_FILE}") as stream:
+            saved = json.loads(stream.read())
+    except FileNotFoundError:
+        return  # a run started before satscale kept its study: nothing to compare with
+    changed = [change for change in _changes(saved, study.model_dump(mode="json"))
+               if change.split(".")[0] not in _FREE_TO_CHANGE]
+    if changed:
+        shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
+        raise ConfigError(f"--resume: the study's settings changed since {results_path} started ({shown}); a "
+                          "resumed run goes on with the search, scheduler and trials it started with. Undo the "
+                          "changes to resume, or run without --resume to start a new run with them")
 
 
 # ------------------------------------------------------------------------------------------------ data

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from orchestrator.comparisons import binomial_accuracy
 
-TrialState = Literal["finished", "stopped_early", "failed"]
+TrialState = Literal["finished", "stopped_early", "failed", "interrupted"]
 
 # The trial params that name a point of the study in the paper's tables.
 SCALE_PARAMS = ("arch", "depth_mult", "width_mult", "resolution")

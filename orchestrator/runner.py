@@ -30,7 +30,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from cluster import TRIAL_DRIVER_RESOURCE
 from orchestrator.console import ConsoleSettings
-from orchestrator.preflight import check_study_inputs, cluster_capacity, pending_conversions
+from orchestrator.preflight import check_study_inputs, cluster_capacity, pending_conversions, save_study
 from orchestrator.reports import StudyRow, leaderboard, write_reports
 from orchestrator.tracking import MLflowStudyCallback, StudyTracker, is_permanent, study_rows, ui_url
 from orchestrator.trial_driver import run_trial
@@ -210,6 +210,23 @@ EXPERIMENT_STATE_PERIOD_S = "1"
 TRAIN_POLL_INTERVAL_S = "0.5"
 
 
+class StudyInterrupted(KeyboardInterrupt):
+    """The study stopped before every trial ended (Ctrl-C, SIGTERM, `ray job stop`): Tune saved its state, the
+    MLflow parent run and its unfinished trials' runs are marked interrupted (KILLED), and `--resume` goes on."""
+
+    def __init__(self, results_path: str, unfinished: int | None = None) -> None:
+        self.results_path = results_path
+        trials = f"{unfinished} trial(s) had not ended; " if unfinished is not None else ""
+        super().__init__(f"interrupted: {trials}the study's state is saved in {results_path}; run the same command "
+                         "with --resume to go on")
+
+
+def unfinished_trials(results) -> list[str]:
+    """The trials of `Tuner.fit()`'s results that neither ended (Tune marks a trial's last result done when it
+    completes or a scheduler stops it) nor failed: what an interrupted study leaves to `--resume`."""
+    return [Path(result.path).name for result in results if result.error is None and not (result.metrics or {}).get("done")]
+
+
 class TrackingUnavailableError(RuntimeError):
     """Every trial ended, but MLflow could not take the study's last records (reports, best model, the parent
     run's end) within the tracker's bounded retries. Nothing is lost: the Tune results hold every epoch, and
@@ -235,6 +252,8 @@ def run_study(study: StudyConfig, storage_path: str, tracking_uri: str, resume: 
     params, cost = _study_functions(study)
     callbacks, logs_dir = console.start(study, results_path, params) if console else ([], None)
     prepare_datasets(study)
+    if not resume:
+        save_study(study, results_path)
     tracker = StudyTracker(tracking_uri, experiment_name=study.name)
     parent_run_id = tracker.start_study(study.name, results_path,
                                         params={"study": study.name, **_study_summary(study)},
@@ -245,6 +264,9 @@ def run_study(study: StudyConfig, storage_path: str, tracking_uri: str, resume: 
     try:
         with console.tune_output_to(logs_dir) if console else contextlib.nullcontext():
             results = tuner.fit()
+        unfinished = unfinished_trials(results)
+        if unfinished:  # Tune returns normally when interrupted, having saved its state
+            raise StudyInterrupted(results_path, len(unfinished))
         rows = study_rows(results, params, cost, study.max_epochs())
         callback.flush(force=True)
         try:
@@ -257,16 +279,18 @@ def run_study(study: StudyConfig, storage_path: str, tracking_uri: str, resume: 
         raise
     except BaseException as error:
         _end_parent_after(tracker, parent_run_id, error)
+        if isinstance(error, KeyboardInterrupt) and not isinstance(error, StudyInterrupted):
+            raise StudyInterrupted(results_path) from None  # a second Ctrl-C, during Tune's last save
         raise
     return StudyOutcome(rows, parent_run_id, results_path, best_model_uri, logs_dir,
                         ui_url(tracking_uri, tracker.experiment_id))
 
 
 def _end_parent_after(tracker: StudyTracker, parent_run_id: str, error: BaseException) -> None:
-    """The parent run tells the truth when the study stops on an error: KILLED when interrupted (resumable with
-    --resume), FAILED otherwise. Best effort: MLflow may be what failed."""
+    """The parent run tells the truth when the study stops on an error: interrupted (KILLED, resumable with
+    --resume) after Ctrl-C, failed otherwise. Best effort: MLflow may be what failed."""
     try:
-        tracker.finish_study(parent_run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        tracker.finish_study(parent_run_id, "interrupted" if isinstance(error, KeyboardInterrupt) else "failed")
     except Exception as tracking_error:
         logger.warning("could not mark the study's parent run ended: %s", first_line(tracking_error))
 

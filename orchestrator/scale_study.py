@@ -5,17 +5,23 @@ On a laptop it starts a local Ray; under `ray job submit` (or with RAY_ADDRESS s
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import shlex
+import signal
 import socket
 import sys
+import tempfile
+import threading
+import traceback
 from pathlib import Path
 
 # Run as a script (`python orchestrator/scale_study.py`), the repository root is not on sys.path when the
 # project is not installed; the packages live beside this folder.
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
-from trainers.errors import ConfigError  # noqa: E402
+from trainers.errors import ConfigError, first_line  # noqa: E402
 
 EXAMPLES = """\
 examples:
@@ -98,6 +104,22 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+_RAY_ADDRESS_FIX = "start the cluster (ray start --head), fix RAY_ADDRESS, or unset it to run on a local Ray"
+_RAY_CONNECT_TIMEOUT_S = 5
+
+
+def check_ray_address(address: str) -> None:
+    """A `host:port` RAY_ADDRESS must accept connections: Ray itself retries a dead address for minutes."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto", "local": Ray finds (or starts) the cluster itself
+    try:
+        socket.create_connection((host, int(port)), timeout=_RAY_CONNECT_TIMEOUT_S).close()
+    except OSError as error:
+        raise ConfigError(f"RAY_ADDRESS={address}: no Ray cluster answers there ({error.strerror or error}); "
+                          f"{_RAY_ADDRESS_FIX}") from None
+
+
 def connect_ray(bind_all: bool, log_to_driver: bool = True) -> None:
     """Join the cluster RAY_ADDRESS names, else start a local Ray (after `local_ray_settings`). Without
     `log_to_driver` the workers' output stays in Ray's log files (the console shows the study's own view). Among
@@ -110,7 +132,11 @@ def connect_ray(bind_all: bool, log_to_driver: bool = True) -> None:
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, configure_logging=False, log_to_driver=log_to_driver)
+        check_ray_address(address)
+        try:
+            ray.init(address=address, configure_logging=False, log_to_driver=log_to_driver)
+        except ConnectionError as error:
+            raise ConfigError(f"RAY_ADDRESS={address}: {first_line(error)}; {_RAY_ADDRESS_FIX}") from None
         return
     dashboard_port = _free_port()
     # Ray's State API, which Ray Train's PlacementGroupCleaner calls from inside the cluster, looks for "the" local
@@ -127,8 +153,54 @@ def connect_ray(bind_all: bool, log_to_driver: bool = True) -> None:
                            "scale_study.main has started")
 
 
+# The exit status of a process stopped by SIGINT, as shells report it: a study interrupted, resumable.
+EXIT_INTERRUPTED = 130
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c():
+    """Inside, SIGTERM (`ray job stop`, a batch scheduler, `kill`) stops the study as Ctrl-C does: Tune saves its
+    state and the MLflow runs say interrupted, where the process would die with its runs left RUNNING."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda _signal, _frame: os.kill(os.getpid(), signal.SIGINT))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        return _main(args)
+    except KeyboardInterrupt as interrupted:
+        print(f"scale_study: {interrupted or 'interrupted before the study started; nothing to resume'}",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as error:  # not a setting at fault: one line here, the traceback in a log file
+        print(f"scale_study: failed: {type(error).__name__}: {first_line(error)} (traceback in "
+              f"{log_traceback(error)})", file=sys.stderr)
+        return 1
+
+
+def log_traceback(error: BaseException) -> str:
+    """Writes `error`'s traceback to the study's driver log when its logs go to files (`orchestrator.console`),
+    else to a new file in the temporary folder; returns the file's path."""
+    from orchestrator.console import driver_log
+
+    logged_to = driver_log()
+    if logged_to:
+        logging.getLogger("satscale").error("the study stopped on an error", exc_info=error)
+        return logged_to
+    descriptor, path = tempfile.mkstemp(prefix="scale_study-error-", suffix=".log")
+    with os.fdopen(descriptor, "w") as log:
+        log.write("".join(traceback.format_exception(error)))
+    return path
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         if not args.dry_run:
             local_ray_settings(args.bind_all)
@@ -142,13 +214,15 @@ def main(argv: list[str] | None = None) -> int:
         from orchestrator.console import ConsoleSettings, final_screen, robust_name
         from orchestrator.reports import leaderboard_markdown
         from orchestrator.runner import TrackingUnavailableError, run_study
-        from orchestrator.tracking import resolve_tracking_uri
+        from orchestrator.tracking import check_tracking_server, resolve_tracking_uri
 
         tracking_uri = resolve_tracking_uri(args.mlflow_uri)
+        check_tracking_server(tracking_uri, "--mlflow-uri" if args.mlflow_uri else "MLFLOW_TRACKING_URI")
         connect_ray(args.bind_all, log_to_driver=args.verbose)
         try:
-            outcome = run_study(study, storage_uri(args.storage), tracking_uri, resume=args.resume,
-                                console=ConsoleSettings(verbose=args.verbose))
+            with sigterm_as_ctrl_c():
+                outcome = run_study(study, storage_uri(args.storage), tracking_uri, resume=args.resume,
+                                    console=ConsoleSettings(verbose=args.verbose))
         except TrackingUnavailableError as error:
             print(leaderboard_markdown(error.rows))
             print(f"scale_study: {error}", file=sys.stderr)

@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         records = [record for path in args.evaluations for record in read_evaluation(evaluation_csv(path))]
+        if not records:
+            raise ConfigError("evaluations: no trial in " + ", ".join(map(str, args.evaluations))
+                              + " (only a header); give the folders of evaluate_study.py runs that evaluated trials")
         if any("cost_flops" not in metrics for _params, metrics in records):
             raise ConfigError("evaluations: some trials have no cost_flops (an evaluation.csv from an older "
                               "evaluate_study.py); evaluate those studies again")

@@ -43,6 +43,7 @@ TAG_STUDY = "satscale.study"
 TAG_TRIAL_ID = "satscale.trial_id"
 TAG_TRIAL_STATE = "satscale.trial_state"
 TAG_FAILURE_REASON = "satscale.failure_reason"
+TAG_STUDY_STATE = "satscale.study_state"  # finished, interrupted (resumable) or failed
 TAG_RESULTS = "satscale.results"  # the Tune experiment of a study's run: tells its parent run from other runs'
 # The experiment's kind, as MLflow's API and UI selector show it: model training, not a GenAI app.
 TAG_EXPERIMENT_KIND, MODEL_TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
@@ -60,7 +61,10 @@ def ui_url(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> 
     page = f"runs/{run_id}" if run_id else "runs"
     return f"{mask_url_credentials(base)}/#/experiments/{experiment_id}/{page}?{UI_WORKFLOW_PARAMETER}"
 
-RUN_STATUS: dict[TrialState, str] = {"finished": "FINISHED", "stopped_early": "KILLED", "failed": "FAILED"}
+RUN_STATUS: dict[TrialState, str] = {"finished": "FINISHED", "stopped_early": "KILLED", "failed": "FAILED",
+                                     "interrupted": "KILLED"}
+# How a study ended -> its parent run's status.
+STUDY_STATUS = {"finished": "FINISHED", "interrupted": "KILLED", "failed": "FAILED"}
 # What the callback logs per epoch from a trial's result, when present.
 EPOCH_METRICS = ("clean_acc", "robust_acc", "train_loss", "train_robust_acc", "images_per_s", "lr", "resolution")
 
@@ -73,6 +77,8 @@ _MAX_REASON_LENGTH = 300
 
 # MLflow's tracking stores (`postgresql+psycopg2://...` counts as postgresql).
 TRACKING_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks")
+SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")  # a local store given as a file: SQLite, not a file store folder
+_REACH_TIMEOUT_S = 10
 
 
 def resolve_tracking_uri(cli_uri: str | None) -> str:
@@ -88,12 +94,31 @@ def resolve_tracking_uri(cli_uri: str | None) -> str:
     if scheme is not None and scheme not in TRACKING_SCHEMES:
         raise ConfigError(f"{source} {uri!r}: MLflow cannot track to a {scheme!r} URI; accepted: "
                           f"{', '.join(TRACKING_SCHEMES)}, or a local folder")
+    if "://" not in uri and Path(uri).suffix in SQLITE_SUFFIXES:  # `mlflow.db` means the database, not a folder
+        uri = f"sqlite:///{uri}"
     if uri.startswith("sqlite:///"):
         database = uri.removeprefix("sqlite:///")
         return uri if database.startswith("/") else f"sqlite:///{Path(database).resolve()}"
     if "://" not in uri and not uri.startswith("file:"):
         return Path(uri).resolve().as_uri()
     return uri
+
+
+def check_tracking_server(uri: str, source: str = "--mlflow-uri") -> None:
+    """An MLflow server (http/https) must answer its health check before the study writes anything."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    health = f"{uri.rstrip('/')}/health"
+    try:
+        response = requests.get(health, timeout=_REACH_TIMEOUT_S)
+    except requests.RequestException as error:
+        raise ConfigError(f"{source} {mask_url_credentials(uri)}: no MLflow server answers there "
+                          f"({type(error).__name__}); start it (mlflow server ...), or fix the URI") from None
+    if response.status_code >= 500:
+        raise ConfigError(f"{source} {mask_url_credentials(uri)}: the MLflow server is not healthy (HTTP "
+                          f"{response.status_code} from /health); check its logs and database")
 
 
 def _environment_secrets() -> list[str]:
@@ -229,11 +254,11 @@ class StudyTracker:
         params, tags = params or {}, redact(tags or {})
         study_tags = {TAG_STUDY: study_name, TAG_ROLE: "study", TAG_RESULTS: scrub(results_path)}
         existing = self._runs_tagged(study_tags) if resume else []
+        tags = {**tags, TAG_STUDY_STATE: "running"}
         if existing:
             run = existing[0]
             self._client.update_run(run.info.run_id, status="RUNNING")
-            if tags:
-                self._client.log_batch(run.info.run_id, tags=[RunTag(name, str(value)) for name, value in tags.items()])
+            self._client.log_batch(run.info.run_id, tags=[RunTag(name, str(value)) for name, value in tags.items()])
         else:
             run = self._client.create_run(self._experiment(), run_name=results_path.rstrip("/").rsplit("/", 1)[-1],
                                           tags={**{name: str(value) for name, value in tags.items()}, **study_tags})
@@ -263,7 +288,7 @@ class StudyTracker:
             if restart and TAG_FAILURE_REASON in run.data.tags:
                 self._client.delete_tag(run.info.run_id, TAG_FAILURE_REASON)
         else:
-            run = self._client.create_run(self._experiment(), run_name=trial_label(redact(params)),
+            run = self._client.create_run(self._experiment(), run_name=trial_label(redact(params)) if params else trial_id,
                                           tags={**trial_tags, TAG_TRIAL_STATE: "running"})
         self._log_missing_params(run, params)
         return run.info.run_id
@@ -308,9 +333,17 @@ class StudyTracker:
         self._client.set_terminated(run_id, status=RUN_STATUS[state])
 
     @_bounded_http
-    def finish_study(self, parent_run_id: str, status: str = "FINISHED") -> None:
-        """End the parent run: FINISHED, FAILED or KILLED (an interrupted study, resumable)."""
-        self._client.set_terminated(parent_run_id, status=status)
+    def finish_study(self, parent_run_id: str, state: str = "finished") -> None:
+        """End the parent run as the study ended (`STUDY_STATUS`: interrupted is KILLED, resumable). A study that
+        did not finish also ends its trials' runs still marked running: interrupted with it (`--resume` marks
+        them running again)."""
+        if state != "finished":
+            running = self._runs_tagged({MLFLOW_PARENT_RUN_ID: parent_run_id, TAG_ROLE: "trial",
+                                         TAG_TRIAL_STATE: "running"})
+            for run in running:
+                self.finish_trial(run.info.run_id, "interrupted")
+        self._client.set_tag(parent_run_id, TAG_STUDY_STATE, state)
+        self._client.set_terminated(parent_run_id, status=STUDY_STATUS[state])
 
     @_bounded_http
     def log_reports(self, parent_run_id: str, directory: Path, artifact_path: str = "reports") -> None:
@@ -389,10 +422,11 @@ def _epochs_done(result: Mapping[str, Any]) -> int:
     return int(result.get("training_iteration", 0))
 
 
-def _ended_state(last_result: Mapping[str, Any], max_epochs: int) -> TrialState:
+def _ended_state(last_result: Mapping[str, Any], params: Mapping[str, Any], max_epochs: int) -> TrialState:
     """A trial that ended without error: stopped early (by the scheduler or a stopper) when it trained fewer
-    than `max_epochs` epochs."""
-    return "stopped_early" if _epochs_done(last_result) < max_epochs else "finished"
+    epochs than its own (its `epochs` param; the study's `max_epochs` where its params do not say)."""
+    planned = int(params.get("epochs", max_epochs))
+    return "stopped_early" if _epochs_done(last_result) < planned else "finished"
 
 
 def _study_row(trial_id: str, params: dict[str, Any], last_result: Mapping[str, Any], state: TrialState,
@@ -406,16 +440,18 @@ def _study_row(trial_id: str, params: dict[str, Any], last_result: Mapping[str, 
 def study_rows(results: ResultGrid, trial_params: Callable[[dict], dict[str, Any]],
                trial_cost: Callable[[dict], float] | None, max_epochs: int) -> list[StudyRow]:
     """The report rows of every trial in a study's results (`Tuner.fit()`), with redacted params. Use these
-    after `Tuner.restore`: the callback in effect then is Tune's unpickled copy, not the driver's object."""
+    after `Tuner.restore`: the callback in effect then is Tune's unpickled copy, not the driver's object. A
+    trial Tune restored without its config (one that failed before it started) has no params or cost."""
     rows = []
     for result in results:
         last_result = result.metrics or {}
         # A trial that failed before its first report has no metrics; its directory is named after its id.
         trial_id = last_result.get("trial_id") or Path(result.path).name
         reason = _failure_reason(result.error) if result.error else None
-        state = "failed" if result.error else _ended_state(last_result, max_epochs)
-        rows.append(_study_row(trial_id, redact(trial_params(result.config)), last_result, state, reason,
-                               trial_cost(result.config) if trial_cost else None))
+        params = redact(trial_params(result.config)) if result.config else {}
+        state = "failed" if result.error else _ended_state(last_result, params, max_epochs)
+        cost = trial_cost(result.config) if trial_cost and result.config else None
+        rows.append(_study_row(trial_id, params, last_result, state, reason, cost))
     return rows
 
 
@@ -480,7 +516,7 @@ class MLflowStudyCallback(Callback):
         self.flush()
 
     def _params(self, trial: Trial) -> dict[str, Any]:
-        return redact(self._trial_params(trial.config))
+        return redact(self._trial_params(trial.config)) if trial.config else {}
 
     def _run_id(self, trial: Trial, restart: bool = False) -> str:
         # Resolved when first needed, so calls queued while the server was down still find their run. Only a
@@ -502,7 +538,7 @@ class MLflowStudyCallback(Callback):
     def _outcome(self, trial: Trial, failed: bool) -> tuple[TrialState, str | None]:
         if failed:
             return "failed", trial_failure_reason(trial)
-        return _ended_state(trial.last_result or {}, self._max_epochs), None
+        return _ended_state(trial.last_result or {}, self._params(trial), self._max_epochs), None
 
     def _conclude(self, trial: Trial, failed: bool) -> None:
         state, reason = self._outcome(trial, failed)
@@ -513,7 +549,7 @@ class MLflowStudyCallback(Callback):
     def _row(self, trial: Trial) -> StudyRow:
         state, reason = self._outcome(trial, trial.status == Trial.ERROR)
         return _study_row(trial.trial_id, self._params(trial), trial.last_result or {}, state, reason,
-                          self._trial_cost(trial.config) if self._trial_cost else None)
+                          self._trial_cost(trial.config) if self._trial_cost and trial.config else None)
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self._submit(f"run of trial {trial.trial_id}", lambda: self._run_id(trial, restart=True))

@@ -509,7 +509,10 @@ def _study_file(source: str | Path) -> Path:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"study file {path}: not UTF-8 text (byte {error.object[error.start]:#04x} at offset "
+                          f"{error.start}); save it as UTF-8") from None
     except (OSError, yaml.YAMLError) as error:
         raise ConfigError(f"cannot read study file {path}: {error}") from None
     if not isinstance(raw, dict):

@@ -4,6 +4,7 @@ case exits 2 with a message naming the setting at fault and the fix, prints no t
 subprocess, for the exit code and stderr a user sees."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import struct
@@ -122,7 +123,24 @@ def _truncated_s3_object(workspace: Workspace) -> None:
                       Body=Path(f"{source}.manifest.json").read_bytes())
 
 
+def _run_of_a_changed_study(workspace: Workspace) -> None:
+    """A resumable run (Tune's tuner.pkl, a stand-in: the check reads only the study kept beside it) of valid.yaml
+    as it was before its epochs and scheduler were edited."""
+    from orchestrator.preflight import STUDY_FILE
+    from search_spaces.study import StudyConfig
+
+    study = yaml.safe_load(workspace.fill((CORPUS / "studies" / "valid.yaml").read_text()))
+    before = StudyConfig.parse(study).model_dump(mode="json")
+    before["base"]["train"]["epochs"] = 5
+    before["tune"]["scheduler"] = "asha"
+    run = workspace.work / "storage" / study["name"]
+    run.mkdir(parents=True)
+    (run / "tuner.pkl").write_bytes(b"")
+    (run / STUDY_FILE).write_text(json.dumps(before))
+
+
 BUILDERS: dict[str, Callable[[Workspace], None]] = {
+    "run_of_a_changed_study": _run_of_a_changed_study,
     "storage_file": lambda workspace: (workspace.fixtures / "storage-file").write_text("not a folder\n"),
     "truncated_beton": _truncated_beton,
     "corrupted_beton": _corrupted_beton,
@@ -150,12 +168,13 @@ def _s3_objects() -> dict[str, list[str]]:
 
 def _argv(case: Case, workspace: Workspace) -> list[str]:
     study = workspace.fixtures / case.study
-    study.write_text(workspace.fill((CORPUS / "studies" / case.study).read_text()))
+    # Latin-1 maps bytes to characters one to one: a file that is not UTF-8 is copied as it is.
+    study.write_text(workspace.fill((CORPUS / "studies" / case.study).read_text("latin-1")), "latin-1")
     return ["--config", str(study), "--storage", str(workspace.work / "storage"),
             "--mlflow-uri", f"sqlite:///{workspace.work / 'mlflow.db'}", *map(workspace.fill, case.args)]
 
 
-def _must_not_start_ray(bind_all: bool) -> None:
+def _must_not_start_ray(bind_all: bool, log_to_driver: bool = True) -> None:
     raise AssertionError("the case passed every check made before Ray starts: it is not rejected where it should be")
 
 

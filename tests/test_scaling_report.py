@@ -110,3 +110,12 @@ def test_scaling_report_names_the_columns_a_foreign_csv_lacks(tmp_path: Path, ca
     assert scaling_report_main([str(table), "--out", str(tmp_path / "out")]) == 2
     error = capsys.readouterr().err
     assert "depth_mult, resolution" in error and "Traceback" not in error
+
+
+def test_scaling_report_names_an_evaluation_without_trials(tmp_path: Path, capsys):
+    table = tmp_path / "evaluation.csv"
+    table.write_text("trial_id,clean_acc,pgd_acc,cost_flops,activation,arch,depth_mult,width_mult,resolution\n")
+    assert scaling_report_main([str(table), "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert "no trial in" in error and "only a header" in error and "Traceback" not in error
+    assert not (tmp_path / "out").exists()

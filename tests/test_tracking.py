@@ -218,7 +218,7 @@ def test_tune_study_has_parent_and_child_runs_with_params_metrics_and_states(
 # --- (b) resume: parent, children and epochs are reused, never duplicated ----------------------------------------
 def test_start_study_reuses_its_own_runs_parent_only_on_resume(tracker: StudyTracker):
     first = tracker.start_study("study-b", "/studies/study-b", params={"max_epochs": 3})
-    tracker.finish_study(first, "KILLED")
+    tracker.finish_study(first, "interrupted")
     assert tracker.start_study("study-b", "/studies/study-b", resume=True) == first  # interrupted: continue it
     assert tracker.client.get_run(first).info.status == "RUNNING"
     # A new run of the study (its own results folder) never nests under another run's parent, finished or not.
@@ -293,6 +293,24 @@ def test_an_interrupted_study_resumes_into_the_same_runs_through_the_callback(tr
         assert run.info.status == "FINISHED" and run.data.tags["satscale.trial_state"] == "finished"
     assert sorted(row.trial_id for row in after.rows) == ["cut_00001", "done_00000"]
     assert after.unlogged == []
+
+
+def test_trials_are_finished_by_their_own_epochs_and_one_without_a_config_is_still_accounted_for(
+        tracker: StudyTracker, mlflow_experiment: str):
+    """Searched epochs: a 2-epoch trial of a study whose longest trials run 3 finished, it was not stopped early.
+    Tune can restore a trial without its config (it failed before it started): a row, a run, no crash."""
+    parent = tracker.start_study("study-epochs", "/studies/study-epochs")
+    callback = MLflowStudyCallback(tracker, parent, all_params, trial_cost, max_epochs=3, retry_interval_s=0)
+    short = FakeTrial("short_00000", {**study_config(), "epochs": 2}, {"training_iteration": 2}, "TERMINATED")
+    cut = FakeTrial("cut_00001", {**study_config(), "epochs": 3}, {"training_iteration": 1}, "TERMINATED")
+    lost = FakeTrial("lost_00002", None, {}, "ERROR")
+    callback.on_experiment_end([short, cut, lost])
+    assert {row.trial_id: row.state for row in callback.rows} == {
+        "short_00000": "finished", "cut_00001": "stopped_early", "lost_00002": "failed"}
+    runs = {run.data.tags["satscale.trial_id"]: run
+            for run in child_runs(tracker.client, experiment_id(tracker.client, mlflow_experiment), parent)}
+    assert (runs["short_00000"].info.status, runs["cut_00001"].info.status) == ("FINISHED", "KILLED")
+    assert runs["lost_00002"].info.status == "FAILED" and runs["lost_00002"].info.run_name == "lost_00002"
 
 
 # --- (c) reports ----------------------------------------------------------------------------------------------------
@@ -530,6 +548,9 @@ def test_tracking_uri_resolution(monkeypatch, tmp_path: Path):
     assert resolve_tracking_uri(None) == "http://127.0.0.1:5000"
     assert resolve_tracking_uri("sqlite:///runs/study.db") == f"sqlite:///{tmp_path.resolve()}/runs/study.db"
     assert resolve_tracking_uri("mlruns") == (tmp_path / "mlruns").resolve().as_uri()
+    # A database file named as a path is SQLite (MLflow would make a file store folder called mlflow.db).
+    assert resolve_tracking_uri("mlflow.db") == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert resolve_tracking_uri("runs/study.sqlite") == f"sqlite:///{tmp_path.resolve()}/runs/study.sqlite"
 
 
 def test_failure_reason_falls_back_to_the_text_trace(tmp_path: Path, planted_env_token):
