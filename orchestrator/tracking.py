@@ -538,6 +538,10 @@ class MLflowStudyCallback(Callback):
     def _outcome(self, trial: Trial, failed: bool) -> tuple[TrialState, str | None]:
         if failed:
             return "failed", trial_failure_reason(trial)
+        if not (trial.last_result or {}).get("done"):
+            # Tune marks the last result of a trial that completed or that a scheduler stopped; one it stopped
+            # because the study was interrupted goes on at --resume.
+            return "interrupted", None
         return _ended_state(trial.last_result or {}, self._params(trial), self._max_epochs), None
 
     def _conclude(self, trial: Trial, failed: bool) -> None:

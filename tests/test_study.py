@@ -137,50 +137,82 @@ def test_study_submitted_as_a_ray_job_is_tracked_in_mlflow(ray_cluster, mlflow_s
     assert parent.data.metrics["pgd5x2_acc_diff/silu"] == pytest.approx(silu["pgd5x2_acc_diff"])
 
 
-def _wait_for_a_finished_trial(tracking_uri: str, name: str, driver: subprocess.Popen, timeout_s: float):
+def _wait_for_runs(tracking_uri: str, name: str, driver: subprocess.Popen, timeout_s: float, done) -> list:
+    """The trial runs `done(runs)` picks, once it picks any, while the driver runs."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and driver.poll() is None:
         try:
-            _, _, children = study_runs(tracking_uri, name)
+            client, _, children = study_runs(tracking_uri, name)
         except AttributeError:  # the experiment does not exist yet
             children = []
-        # Ended, not only tagged: the tracker tags the state, then ends the run.
-        finished = [run for run in children if run.data.tags.get("satscale.trial_state") == "finished"
-                    and run.info.end_time is not None]
-        if finished:
-            return finished
+        picked = done(client, children) if children else []
+        if picked:
+            return picked
         time.sleep(1)
-    raise AssertionError(f"no trial finished before the driver was to be killed (driver rc={driver.poll()})")
+    raise AssertionError(f"the study did not get there before the driver was to be stopped (driver rc={driver.poll()})")
 
 
-def test_driver_killed_then_resumed_loses_and_repeats_nothing(ray_cluster, mlflow_server, digits_betons,
-                                                              tmp_path):
-    # One trial at a time: at the kill the first has finished, the second is under way.
+def _finished(_client, children) -> list:
+    # Ended, not only tagged: the tracker tags the state, then ends the run.
+    return [run for run in children
+            if run.data.tags.get("satscale.trial_state") == "finished" and run.info.end_time is not None]
+
+
+def _trained_an_epoch(client, children) -> list:
+    return [run for run in children if metric_steps(client, run, "robust_acc")]
+
+
+def test_a_study_interrupted_then_killed_resumes_each_time_and_loses_and_repeats_nothing(
+        ray_cluster, mlflow_server, digits_betons, tmp_path):
+    """A fault mix on the driver: Ctrl-C mid-trial (exit 130, MLflow says interrupted), --resume, SIGKILL after a
+    trial finished (no chance to say anything), --resume to the end. One trial at a time."""
     study = write_study(tmp_path / "study.yaml", digits_betons, "resume-study", ["relu", "silu"],
                         max_concurrent_trials=1)
     command = [sys.executable, str(SCRIPT), "--config", str(study), "--storage", str(tmp_path / "storage"),
                "--mlflow-uri", mlflow_server]
     environment = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
-    log = open(tmp_path / "driver.log", "w")
-    driver = subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True)
+
+    def start(*extra: str) -> subprocess.Popen:
+        return subprocess.Popen(command + list(extra), env=environment, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    # Ctrl-C, as a terminal sends it: SIGINT to the driver's process group.
+    driver = start()
     try:
-        finished_before = _wait_for_a_finished_trial(mlflow_server, "resume-study", driver, timeout_s=400)
+        _wait_for_runs(mlflow_server, "resume-study", driver, 400, _trained_an_epoch)
+        os.killpg(driver.pid, signal.SIGINT)
+        out, err = driver.communicate(timeout=120)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 130, out[-3000:] + err[-3000:]
+    message = err.strip().splitlines()[-1]
+    assert re.match(r"scale_study: interrupted: \d trial\(s\) had not ended", message) and "--resume" in message, err
+    assert "Traceback" not in err
+    _, parents, children = study_runs(mlflow_server, "resume-study")
+    (parent,) = parents
+    assert (parent.info.status, parent.data.tags["satscale.study_state"]) == ("KILLED", "interrupted")
+    assert [run.info.status for run in children] == ["KILLED"]  # no run left RUNNING
+    assert children[0].data.tags["satscale.trial_state"] == "interrupted"
+
+    driver = start("--resume")
+    try:
+        finished_before = _wait_for_runs(mlflow_server, "resume-study", driver, 400, _finished)
         time.sleep(3)  # Tune saves its experiment state every second (orchestrator.runner)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
-    _, parents_before, _ = study_runs(mlflow_server, "resume-study")
+        driver.communicate()
     end_times = {run.info.run_id: run.info.end_time for run in finished_before}
 
     resumed = subprocess.run(command + ["--resume"], env=environment, capture_output=True, text=True,
                              timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
     client, parents, children = study_runs(mlflow_server, "resume-study")
-    assert [run.info.run_id for run in parents] == [run.info.run_id for run in parents_before]  # reused
+    assert [run.info.run_id for run in parents] == [parent.info.run_id]  # reused each time
+    assert (parents[0].info.status, parents[0].data.tags["satscale.study_state"]) == ("FINISHED", "finished")
     assert sorted(run.data.params["activation"] for run in children) == ["relu", "silu"]  # none lost
     for run in children:
-        assert run.data.tags["satscale.trial_state"] == "finished", run.data.params["activation"]
+        assert (run.info.status, run.data.tags["satscale.trial_state"]) == ("FINISHED", "finished")
         assert metric_steps(client, run, "robust_acc") == [0, 1]  # no epoch logged twice
     for run in children:  # trials finished before the kill were not run again
         if run.info.run_id in end_times:

@@ -88,6 +88,13 @@ class FakeTrial:
         return None
 
 
+def complete(callback: MLflowStudyCallback, trial: FakeTrial) -> None:
+    """What Tune does when a trial completes: its last result marked done, the callback told, the trial ended."""
+    trial.last_result = {**trial.last_result, "done": True}
+    callback.on_trial_complete(0, [trial], trial)
+    trial.status = "TERMINATED"
+
+
 def study_config(activation: str = "silu") -> dict[str, Any]:
     return {"activation": activation, "arch": "resnet18", "depth_mult": 0.5, "width_mult": 0.25, "resolution": 32,
             "train_attack_steps": 1, "train_eps": 4 / 255, "train_step_size": 4 / 255}
@@ -269,8 +276,7 @@ def test_an_interrupted_study_resumes_into_the_same_runs_through_the_callback(tr
     for epoch in range(MAX_EPOCHS):
         done.last_result = synthetic_metrics(done.config, epoch)
         before.on_trial_result(0, [], done, done.last_result)
-    before.on_trial_complete(0, [], done)
-    done.status = "TERMINATED"
+    complete(before, done)
     cut.last_result = synthetic_metrics(cut.config, 0)
     before.on_trial_result(0, [], cut, cut.last_result)
     # The driver dies here. The resumed study restores `cut` from its epoch-0 checkpoint, so epoch 0's result
@@ -281,8 +287,7 @@ def test_an_interrupted_study_resumes_into_the_same_runs_through_the_callback(tr
     for epoch in range(MAX_EPOCHS):
         cut.last_result = synthetic_metrics(cut.config, epoch)
         after.on_trial_result(0, [], cut, cut.last_result)
-    after.on_trial_complete(0, [], cut)
-    cut.status = "TERMINATED"
+    complete(after, cut)
     after.on_experiment_end([done, cut])
 
     client = tracker.client
@@ -301,12 +306,18 @@ def test_trials_are_finished_by_their_own_epochs_and_one_without_a_config_is_sti
     Tune can restore a trial without its config (it failed before it started): a row, a run, no crash."""
     parent = tracker.start_study("study-epochs", "/studies/study-epochs")
     callback = MLflowStudyCallback(tracker, parent, all_params, trial_cost, max_epochs=3, retry_interval_s=0)
-    short = FakeTrial("short_00000", {**study_config(), "epochs": 2}, {"training_iteration": 2}, "TERMINATED")
-    cut = FakeTrial("cut_00001", {**study_config(), "epochs": 3}, {"training_iteration": 1}, "TERMINATED")
+    short = FakeTrial("short_00000", {**study_config(), "epochs": 2}, {"training_iteration": 2, "done": True},
+                      "TERMINATED")
+    cut = FakeTrial("cut_00001", {**study_config(), "epochs": 3}, {"training_iteration": 1, "done": True},
+                    "TERMINATED")
+    interrupted = FakeTrial("cut_00003", {**study_config(), "epochs": 3}, {"training_iteration": 1}, "TERMINATED")
     lost = FakeTrial("lost_00002", None, {}, "ERROR")
-    callback.on_experiment_end([short, cut, lost])
+    callback.on_experiment_end([short, cut, lost, interrupted])
+    # Tune marks the last result done when a trial completes or a scheduler stops it, not when it stops
+    # trials because the study is being interrupted.
     assert {row.trial_id: row.state for row in callback.rows} == {
-        "short_00000": "finished", "cut_00001": "stopped_early", "lost_00002": "failed"}
+        "short_00000": "finished", "cut_00001": "stopped_early", "lost_00002": "failed",
+        "cut_00003": "interrupted"}
     runs = {run.data.tags["satscale.trial_id"]: run
             for run in child_runs(tracker.client, experiment_id(tracker.client, mlflow_experiment), parent)}
     assert (runs["short_00000"].info.status, runs["cut_00001"].info.status) == ("FINISHED", "KILLED")
@@ -439,8 +450,7 @@ def test_unreachable_server_queues_calls_returns_promptly_and_warns():
     for epoch in range(MAX_EPOCHS):
         trial.last_result = synthetic_metrics(trial.config, epoch)
         callback.on_trial_result(0, [trial], trial, trial.last_result)
-    callback.on_trial_complete(0, [trial], trial)
-    trial.status = "TERMINATED"
+    complete(callback, trial)
     with pytest.warns(RuntimeWarning, match=r"5 MLflow call\(s\) could not be logged"):
         callback.on_experiment_end([trial])
     assert time.monotonic() - started < 10
