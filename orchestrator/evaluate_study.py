@@ -89,9 +89,20 @@ RESULT_COLUMNS = ("trial_id", "clean_acc", "clean_acc_low", "clean_acc_high", "p
 OUTCOMES_FILE = "outcomes.npz"
 
 
-def finished_trials(experiment_path: str) -> list[tuple[str, str]]:
-    """(trial id, last checkpoint) of every trial in the Tune experiment that reported one, in trial order."""
+@dataclass(frozen=True)
+class StudyTrial:
+    """A trial of the study's Tune experiment: its last checkpoint, and why it is not evaluated (None: it is)."""
+
+    trial_id: str
+    checkpoint_path: str | None
+    excluded: str | None
+
+
+def study_trials(experiment_path: str) -> list[StudyTrial]:
+    """Every trial of the Tune experiment, in trial order. Only trials that ended without error are evaluated: a
+    failed trial's last checkpoint can be its last epoch's, and a trial that had not ended is still training."""
     from ray.tune import ExperimentAnalysis
+    from ray.tune.experiment import Trial
     from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
     try:
@@ -99,8 +110,20 @@ def finished_trials(experiment_path: str) -> list[tuple[str, str]]:
     except (FileNotFoundError, ValueError) as error:
         raise ConfigError(f"no study results in {experiment_path} ({error}); give the study's --config, --set "
                           "name=... and --storage as they were for scale_study.py") from None
-    return [(trial.trial_id, trial.last_result[CHECKPOINT_PATH_KEY]) for trial in analysis.trials
-            if (trial.last_result or {}).get(CHECKPOINT_PATH_KEY)]
+    trials = []
+    for trial in analysis.trials:
+        last_result = trial.last_result or {}
+        checkpoint_path = last_result.get(CHECKPOINT_PATH_KEY)
+        if trial.status == Trial.ERROR:
+            excluded = "failed"
+        elif trial.status != Trial.TERMINATED or not last_result.get("done"):
+            excluded = "had not ended: resume the study, then evaluate it"
+        elif not checkpoint_path:
+            excluded = "no checkpoint"
+        else:
+            excluded = None
+        trials.append(StudyTrial(trial.trial_id, checkpoint_path, excluded))
+    return trials
 
 
 @functools.lru_cache(maxsize=8)
@@ -219,12 +242,16 @@ def run(args: argparse.Namespace) -> Path:
     evaluator = Evaluator(storage, args.pgd_steps, args.restarts, args.step_size,
                           torch.device("cuda" if torch.cuda.is_available() else "cpu"), args.max_images,
                           args.autoattack_images)
-    evaluations, stopped_early = [], []
+    evaluations, not_evaluated = [], {}
     results_path = experiment_path(storage, study)  # the study's latest run
-    for trial_id, checkpoint_path in finished_trials(results_path):
+    for study_trial in study_trials(results_path):
+        trial_id, checkpoint_path = study_trial.trial_id, study_trial.checkpoint_path
+        if study_trial.excluded:
+            not_evaluated[trial_id] = study_trial.excluded
+            continue
         trained = load_trial_model(checkpoint_path, storage)
         if trained.epoch + 1 < trained.trial.train.epochs:
-            stopped_early.append(trial_id)  # the scheduler cut its budget: not comparable
+            not_evaluated[trial_id] = "stopped early by the scheduler"  # a cut budget: not comparable
             continue
         outcomes = evaluator.pgd(trained)
         item = TrialEvaluation(trial_id, checkpoint_path, trial_params(trained.trial),
@@ -234,7 +261,8 @@ def run(args: argparse.Namespace) -> Path:
         print(f"{trial_id}: clean {item.metrics['clean_acc']:.3f}, {evaluator.pgd_name} "
               f"{item.metrics['pgd_acc']:.3f} ({outcomes['pgd_acc'].shape[0]} images)", flush=True)
     if not evaluations:
-        raise ConfigError(f"no trial of study {study.name!r} trained its full budget; nothing to evaluate")
+        why = "; ".join(f"{trial_id}: {reason}" for trial_id, reason in not_evaluated.items()) or "no trials"
+        raise ConfigError(f"no trial of study {study.name!r} ended with its full budget ({why}); nothing to evaluate")
 
     if args.autoattack != "none":
         for group in autoattack_choices(seed_groups((item.params, item.metrics) for item in evaluations),
@@ -250,7 +278,7 @@ def run(args: argparse.Namespace) -> Path:
                   f"AutoAttack ({args.autoattack}) {best.metrics['autoattack_acc']:.3f}", flush=True)
 
     out = Path(args.out or Path("satscale_eval") / study.name)
-    summary = write_evaluation(out, evaluations, evaluator.pgd_name, args, stopped_early)
+    summary = write_evaluation(out, evaluations, evaluator.pgd_name, args, not_evaluated)
     log_evaluation(tracking_uri, study.name, results_path, summary, evaluator.pgd_name, out)
     return out
 
@@ -396,7 +424,7 @@ def _autoattack_table(summary: EvaluationSummary, columns: dict[str, str]) -> li
 
 
 def write_evaluation(out: Path, evaluations: list[TrialEvaluation], pgd_name: str, args: argparse.Namespace,
-                     stopped_early: list[str]) -> EvaluationSummary:
+                     not_evaluated: dict[str, str]) -> EvaluationSummary:
     """evaluation.csv (one line per trial, with its interval over images), outcomes.npz (per trial and image),
     evaluation.md (per configuration: accuracies with 95 % intervals, paired differences to the baseline,
     the AutoAttack gaps), comparisons.csv/.md/.png and evaluation.png; scaling.md and scaling.png when the trials
@@ -441,8 +469,9 @@ def write_evaluation(out: Path, evaluations: list[TrialEvaluation], pgd_name: st
         written += [comparison_table, write_comparisons_csv(summary.comparisons, out / "comparisons.csv"),
                     plot_comparisons(summary.comparisons, "pgd_acc", columns["pgd_acc"], out / "comparisons.png")]
     lines += _autoattack_table(summary, columns)
-    if stopped_early:
-        lines += ["", f"Not evaluated (stopped early by the scheduler): {', '.join(stopped_early)}."]
+    if not_evaluated:
+        lines += ["", "Not evaluated: " + ", ".join(f"{trial_id} ({reason})" for trial_id, reason in
+                                                   not_evaluated.items()) + "."]
     report = out / "evaluation.md"
     report.write_text("\n".join(lines) + "\n")
     errors = {label: {metric: (estimate.low, estimate.high) for metric, estimate in estimates.items()}

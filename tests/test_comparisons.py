@@ -101,7 +101,7 @@ def test_reports_pair_each_configuration_with_relu_at_its_scale(tmp_path):
                             evaluation(f"s{width}{seed}", "silu", seed, clean, silu, width)]
     settings = argparse.Namespace(pgd_steps=50, restarts=2, max_images=None, autoattack="none",
                                   autoattack_images=100, baseline="relu")
-    summary = write_evaluation(tmp_path, evaluations, "pgd50x2", settings, stopped_early=[])
+    summary = write_evaluation(tmp_path, evaluations, "pgd50x2", settings, not_evaluated={})
     assert {path.name for path in summary.written} >= {"evaluation.csv", "evaluation.md", "comparisons.csv",
                                                        "comparisons.md", "comparisons.png", "outcomes.npz"}
     pgd = [item for item in summary.comparisons if item.metric == "pgd_acc"]
@@ -131,7 +131,7 @@ def test_a_single_seed_study_reports_intervals_without_a_spread(tmp_path):
                    evaluation("g", "gelu", 0, clean, clean & (rng.random(300) < 0.5))]
     settings = argparse.Namespace(pgd_steps=10, restarts=1, max_images=300, autoattack="none",
                                   autoattack_images=100, baseline="relu")
-    write_evaluation(tmp_path, evaluations, "pgd10", settings, stopped_early=[])
+    write_evaluation(tmp_path, evaluations, "pgd10", settings, not_evaluated={})
     report = (tmp_path / "evaluation.md").read_text()
     relu_line = next(line for line in report.splitlines() if line.startswith("| relu | 1 |"))
     assert "±" not in relu_line and relu_line.endswith("| – |") and "[" in relu_line

@@ -81,9 +81,9 @@ def test_scaling_plot_draws_one_curve_per_configuration_and_rule(tmp_path: Path)
 def test_scaling_report_joins_a_rules_study_and_its_baseline_study(tmp_path: Path, capsys):
     rules, baseline = rules_and_baseline()
     settings = argparse.Namespace(pgd_steps=50, restarts=1, max_images=200, autoattack="none", autoattack_images=100)
-    written = write_evaluation(tmp_path / "rules", rules, "pgd50", settings, stopped_early=[]).written
+    written = write_evaluation(tmp_path / "rules", rules, "pgd50", settings, not_evaluated={}).written
     assert {path.name for path in written} >= {"evaluation.csv", "scaling.md", "scaling.png"}  # scales differ
-    base = write_evaluation(tmp_path / "base", baseline, "pgd50", settings, stopped_early=[])
+    base = write_evaluation(tmp_path / "base", baseline, "pgd50", settings, not_evaluated={})
     assert "scaling.md" not in {path.name for path in base.written}
     params, metrics = read_evaluation(tmp_path / "base" / "evaluation.csv")[0]
     assert metrics == {"clean_acc": 0.8, "pgd_acc": 0.5, "cost_flops": 17e6}

@@ -267,3 +267,26 @@ def test_a_study_run_again_starts_a_new_run_beside_the_earlier_ones(ray_cluster,
     assert run_path(study, storage, resume=True) == experiment_path(storage, study) == f"{storage}/again-run2"
     assert run_path(study, storage, resume=False) == f"{storage}/again-run3"
     assert sorted(path.name for path in Path(storage).iterdir()) == ["again", "again-run2"]
+
+
+def _trial_that_fails_after_its_last_checkpoint(config: dict) -> None:
+    from ray import tune
+    from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
+
+    tune.report({"epoch": 0, CHECKPOINT_PATH_KEY: f"/checkpoints/{config['activation']}"})
+    if config["activation"] == "broken":
+        raise RuntimeError("failed after its last checkpoint")
+
+
+def test_evaluation_takes_only_trials_that_ended_without_error(ray_cluster, tmp_path):
+    """A failed trial's last checkpoint can be its last epoch's: it is named, not evaluated as a good one."""
+    from ray import tune
+
+    from orchestrator.evaluate_study import study_trials
+
+    tuner = tune.Tuner(tune.with_resources(_trial_that_fails_after_its_last_checkpoint, {"cpu": 0.5}),
+                       param_space={"activation": tune.grid_search(["relu", "broken"])},
+                       run_config=tune.RunConfig(name="evaluated", storage_path=str(tmp_path), verbose=0))
+    tuner.fit()
+    trials = {trial.checkpoint_path: trial.excluded for trial in study_trials(str(tmp_path / "evaluated"))}
+    assert trials == {"/checkpoints/relu": None, "/checkpoints/broken": "failed"}
