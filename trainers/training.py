@@ -152,7 +152,7 @@ def unwrap_parallel(model: nn.Module) -> nn.Module:
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """`tensor` summed over all ranks when torch.distributed is running (else unchanged), on its device."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not _distributed():
         return tensor
     backend_device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
     reduced = tensor.to(backend_device, copy=True)
@@ -169,9 +169,16 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _rank() -> int:
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return torch.distributed.get_rank() if distributed else 0
+    return torch.distributed.get_rank() if _distributed() else 0
+
+
+def _world_size() -> int:
+    return torch.distributed.get_world_size() if _distributed() else 1
 
 
 def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
@@ -205,9 +212,11 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
                 clean_logits, logits = model(torch.cat([images, adv_images])).float().chunk(2)
                 loss = ((1 - weight) * F.cross_entropy(clean_logits, labels, label_smoothing=smoothing)
                         + weight * F.cross_entropy(logits, labels, label_smoothing=smoothing))
-        if not torch.isfinite(loss):
-            raise DivergenceError(f"training loss became {loss.item()} after {seen} images "
-                                  f"(lr {optimizer.param_groups[0]['lr']:.4g}); lower the lr or add warm-up")
+        diverged = int(all_reduce_sum((~torch.isfinite(loss.detach())).int()).item())
+        if diverged:  # decided by every rank together: one raising alone would leave the others in the all-reduce
+            raise DivergenceError(f"training loss is not finite on {diverged} of {_world_size()} rank(s) (here: "
+                                  f"{loss.item()}) after {seen} images (lr {optimizer.param_groups[0]['lr']:.4g}); "
+                                  "lower the lr or add warm-up")
         optimizer.zero_grad(set_to_none=True)
         with activation_phase("update"):
             scaler.scale(loss).backward()
