@@ -514,14 +514,15 @@ def log_evaluation(tracking_uri: str, study_name: str, results_path: str, summar
                 metrics.update({name: estimate.value, f"{name}_ci_low": estimate.low,
                                 f"{name}_ci_high": estimate.high, f"{name}_detectable": estimate.detectable})
         run_id = tracker.trial_run(parent_run_id, item.trial_id, item.params, restart=False)
-        tracker.log_epoch(run_id, metrics, epoch=int(item.params["epochs"]) - 1)
+        tracker.log_epoch(run_id, metrics, epoch=int(item.params["epochs"]) - 1, replace=True)
+        tracker.finish_trial(run_id, "finished")  # only trials that finished are evaluated; a run made here ends
     # The parent run: every comparison under `<metric>_diff/<configuration>`, so the study's page lists them.
     study_metrics = {}
     for comparison in summary.comparisons:
         key, estimate = f"{names[comparison.metric]}_diff/{_metric_key(comparison.label)}", comparison.difference
         study_metrics.update({key: estimate.value, f"{key}_ci_low": estimate.low, f"{key}_ci_high": estimate.high,
                               f"{key}_detectable": estimate.detectable})
-    tracker.log_epoch(parent_run_id, study_metrics, epoch=0)
+    tracker.log_epoch(parent_run_id, study_metrics, epoch=0, replace=True)
     tracker.log_reports(parent_run_id, out, artifact_path="evaluation")
 
 

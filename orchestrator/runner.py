@@ -14,6 +14,8 @@ import functools
 import logging
 import math
 import os
+import pickle
+import sys
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -301,7 +303,12 @@ def _log_study_end(tracker: StudyTracker, parent_run_id: str, rows: list[StudyRo
     with tempfile.TemporaryDirectory(prefix="satscale-reports-") as directory:
         write_reports(rows, Path(directory))
         tracker.log_reports(parent_run_id, Path(directory))
-    model = _best_model(rows, results, storage_path)
+    try:
+        model = _best_model(rows, results, storage_path)
+    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as error:  # every trial is recorded already
+        print(f"scale_study: warning: the best trial's last checkpoint could not be loaded ({first_line(error)}); "
+              "no best model is logged", file=sys.stderr, flush=True)
+        model = None
     best_model_uri = tracker.log_best_model(parent_run_id, model) if model is not None else None
     tracker.finish_study(parent_run_id)
     return best_model_uri

@@ -301,13 +301,14 @@ class StudyTracker:
         return self._logged_steps[run_id]
 
     @_bounded_http
-    def log_epoch(self, run_id: str, metrics: Mapping[str, Any], epoch: int) -> int:
+    def log_epoch(self, run_id: str, metrics: Mapping[str, Any], epoch: int, *, replace: bool = False) -> int:
         """Log the finite numeric `metrics` at step `epoch`, skipping any (metric, epoch) the run already has
-        (a resumed trial replays epochs). Returns how many values were logged."""
+        (a resumed trial replays epochs); with `replace`, logging them again: MLflow shows a step's latest value,
+        so numbers computed anew (an evaluation run again) supersede the old. Returns how many were logged."""
         logged = self._steps_logged(run_id)
         timestamp = int(time.time() * 1000)
         new = [Metric(name, value, timestamp, epoch) for name, value in _finite_numbers(metrics).items()
-               if epoch not in logged.get(name, ())]
+               if replace or epoch not in logged.get(name, ())]
         if new:
             try:
                 self._client.log_batch(run_id, metrics=new)

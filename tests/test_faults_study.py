@@ -175,7 +175,11 @@ def test_mlflow_unreachable_mid_study_delays_metrics_but_loses_none(ray_cluster,
     keeps running) once the trial has started, and is reachable again after its first epoch: training goes on
     meanwhile, and every epoch reaches the trial's run exactly once."""
     proxy, tracking_uri = mlflow_outage
-    epochs = 2
+    # Enough epochs that the trial ends after the outage. When its last report arrived while the driver was
+    # blocked in its first failing MLflow call (epochs here take ~1.5 s), the trial hung in Ray's Tune/Train
+    # result hand-off (FunctionTrainable main thread in result_queue.put, seen 3 times in 8 runs; see
+    # docs/reliability.md, known problems): a Ray race this test is not about.
+    epochs = 4
     study = StudyConfig.parse(study_values("mlflow-outage", small_digits, epochs, workers={"num_workers": 1}))
     storage = tmp_path / "storage"
     outage: dict[str, float] = {}

@@ -1,6 +1,7 @@
 """The study end to end: `ray job submit` to a real local head, Tune + Train trials, a real MLflow server."""
 from __future__ import annotations
 
+import csv
 import os
 import re
 import signal
@@ -135,6 +136,19 @@ def test_study_submitted_as_a_ray_job_is_tracked_in_mlflow(ray_cluster, mlflow_s
     assert "pgd5x2_acc_diff" not in evaluated["relu"].data.metrics  # the baseline is not compared with itself
     parent = client.get_run(parent.info.run_id)
     assert parent.data.metrics["pgd5x2_acc_diff/silu"] == pytest.approx(silu["pgd5x2_acc_diff"])
+    assert "(failed)" in summary.rsplit("Not evaluated: ", 1)[1]  # the diverged trial, named with why
+
+    # Evaluated again on other images: MLflow shows the new numbers, those of the new files, not the old.
+    assert evaluate_study_main(["--config", str(study), "--storage", str(tmp_path / "storage"), "--mlflow-uri",
+                                mlflow_server, "--pgd-steps", "5", "--restarts", "2", "--max-images", "48",
+                                "--autoattack", "none", "--out", str(report_dir)]) == 0
+    with open(report_dir / "evaluation.csv") as table:
+        again = {row["trial_id"]: float(row["pgd_acc"]) for row in csv.DictReader(table)}
+    _, _, children = study_runs(mlflow_server, "job-study")
+    for run in children:
+        if "pgd5x2_acc" in run.data.metrics:
+            assert run.data.metrics["pgd5x2_acc"] == pytest.approx(again[run.data.tags["satscale.trial_id"]])
+            assert run.info.status == "FINISHED"
 
 
 def _wait_for_runs(tracking_uri: str, name: str, driver: subprocess.Popen, timeout_s: float, done) -> list:

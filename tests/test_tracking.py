@@ -324,6 +324,24 @@ def test_trials_are_finished_by_their_own_epochs_and_one_without_a_config_is_sti
     assert runs["lost_00002"].info.status == "FAILED" and runs["lost_00002"].info.run_name == "lost_00002"
 
 
+def test_a_best_checkpoint_that_cannot_be_loaded_leaves_the_study_finished_with_its_reports(
+        tracker: StudyTracker, tmp_path: Path, capsys):
+    from types import SimpleNamespace
+
+    from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
+
+    from orchestrator.runner import _log_study_end
+
+    parent = tracker.start_study("study-lost-checkpoint", "/studies/study-lost-checkpoint")
+    rows = [StudyRow("t_00000", study_config(), "finished", 0.8, 0.4, 1e9, 3)]
+    results = [SimpleNamespace(metrics={"trial_id": "t_00000", CHECKPOINT_PATH_KEY: str(tmp_path / "deleted")})]
+    assert _log_study_end(tracker, parent, rows, results, str(tmp_path)) is None
+    assert "the best trial's last checkpoint could not be loaded" in capsys.readouterr().err
+    run = tracker.client.get_run(parent)
+    assert run.info.status == "FINISHED"
+    assert {item.path for item in tracker.client.list_artifacts(parent, "reports")}  # the reports are logged
+
+
 # --- (c) reports ----------------------------------------------------------------------------------------------------
 def hand_made_rows() -> list[StudyRow]:
     def row(trial_id, activation, clean, robust, state="finished", cost=1e9, reason=None, epochs=3):
