@@ -15,9 +15,11 @@ import logging
 import math
 import os
 import pickle
+import signal
 import sys
 import tempfile
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +42,7 @@ from search_spaces.space import OptunaSpace, param_space, trial_params
 from search_spaces.study import StudyConfig
 from trainers.checkpoint import load_training_state
 from trainers.data.convert import convert
-from trainers.errors import first_line
+from trainers.errors import StudyInterrupted, first_line
 from trainers.models import ModelConfig, build_model_from_config
 from trainers.trial import TrialConfig
 
@@ -212,21 +214,21 @@ EXPERIMENT_STATE_PERIOD_S = "1"
 TRAIN_POLL_INTERVAL_S = "0.5"
 
 
-class StudyInterrupted(KeyboardInterrupt):
-    """The study stopped before every trial ended (Ctrl-C, SIGTERM, `ray job stop`): Tune saved its state, the
-    MLflow parent run and its unfinished trials' runs are marked interrupted (KILLED), and `--resume` goes on."""
-
-    def __init__(self, results_path: str, unfinished: int | None = None) -> None:
-        self.results_path = results_path
-        trials = f"{unfinished} trial(s) had not ended; " if unfinished is not None else ""
-        super().__init__(f"interrupted: {trials}the study's state is saved in {results_path}; run the same command "
-                         "with --resume to go on")
-
-
-def unfinished_trials(results) -> list[str]:
-    """The trials of `Tuner.fit()`'s results that neither ended (Tune marks a trial's last result done when it
-    completes or a scheduler stops it) nor failed: what an interrupted study leaves to `--resume`."""
-    return [Path(result.path).name for result in results if result.error is None and not (result.metrics or {}).get("done")]
+@contextlib.contextmanager
+def tune_interruption() -> Iterator[Callable[[], bool]]:
+    """Around `Tuner.fit()`: whether Tune was interrupted (Ctrl-C, SIGUSR1), since it then returns normally,
+    having saved its state. Tune installs its own SIGINT handler for the fit (main thread only) and, when it
+    fires, puts back the one before it; otherwise its handler stays installed, and is taken back out here."""
+    watching = threading.current_thread() is threading.main_thread() and not int(
+        os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0"))
+    before = signal.getsignal(signal.SIGINT)
+    outcome = {"interrupted": False}
+    try:
+        yield lambda: outcome["interrupted"]
+    finally:
+        if watching:
+            outcome["interrupted"] = signal.getsignal(signal.SIGINT) is before
+            signal.signal(signal.SIGINT, before)
 
 
 class TrackingUnavailableError(RuntimeError):
@@ -264,11 +266,11 @@ def run_study(study: StudyConfig, storage_path: str, tracking_uri: str, resume: 
     tuner = build_tuner(study, storage_path, results_path, [callback, *callbacks], resume,
                         verbose=console.tune_verbosity if console else None)
     try:
-        with console.tune_output_to(logs_dir) if console else contextlib.nullcontext():
+        with console.tune_output_to(logs_dir) if console else contextlib.nullcontext(), \
+                tune_interruption() as interrupted:
             results = tuner.fit()
-        unfinished = unfinished_trials(results)
-        if unfinished:  # Tune returns normally when interrupted, having saved its state
-            raise StudyInterrupted(results_path, len(unfinished))
+        if interrupted():
+            raise StudyInterrupted(results_path)
         rows = study_rows(results, params, cost, study.max_epochs())
         callback.flush(force=True)
         try:
@@ -281,7 +283,7 @@ def run_study(study: StudyConfig, storage_path: str, tracking_uri: str, resume: 
         raise
     except BaseException as error:
         _end_parent_after(tracker, parent_run_id, error)
-        if isinstance(error, KeyboardInterrupt) and not isinstance(error, StudyInterrupted):
+        if isinstance(error, KeyboardInterrupt):
             raise StudyInterrupted(results_path) from None  # a second Ctrl-C, during Tune's last save
         raise
     return StudyOutcome(rows, parent_run_id, results_path, best_model_uri, logs_dir,
@@ -292,7 +294,8 @@ def _end_parent_after(tracker: StudyTracker, parent_run_id: str, error: BaseExce
     """The parent run tells the truth when the study stops on an error: interrupted (KILLED, resumable with
     --resume) after Ctrl-C, failed otherwise. Best effort: MLflow may be what failed."""
     try:
-        tracker.finish_study(parent_run_id, "interrupted" if isinstance(error, KeyboardInterrupt) else "failed")
+        tracker.finish_study(parent_run_id, "interrupted" if isinstance(error, (KeyboardInterrupt, StudyInterrupted))
+                             else "failed")
     except Exception as tracking_error:
         logger.warning("could not mark the study's parent run ended: %s", first_line(tracking_error))
 

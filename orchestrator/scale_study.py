@@ -21,7 +21,7 @@ from pathlib import Path
 # project is not installed; the packages live beside this folder.
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
-from trainers.errors import ConfigError, first_line  # noqa: E402
+from trainers.errors import ConfigError, StudyInterrupted, first_line  # noqa: E402
 
 EXAMPLES = """\
 examples:
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return _main(args)
-    except KeyboardInterrupt as interrupted:
+    except (KeyboardInterrupt, StudyInterrupted) as interrupted:
         print(f"scale_study: {interrupted or 'interrupted before the study started; nothing to resume'}",
               file=sys.stderr)
         return EXIT_INTERRUPTED

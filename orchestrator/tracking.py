@@ -482,6 +482,7 @@ class MLflowStudyCallback(Callback):
         self._retry_after = 0.0  # time.monotonic() before which queued calls wait
         self._run_ids: dict[str, str] = {}
         self._concluded: set[str] = set()
+        self._started: set[str] = set()  # trials that started in this session of the study
         self._pending: deque[tuple[str, Callable[[], Any]]] = deque()
         self._dropped: list[str] = []
         self.rows: list[StudyRow] = []
@@ -539,9 +540,10 @@ class MLflowStudyCallback(Callback):
     def _outcome(self, trial: Trial, failed: bool) -> tuple[TrialState, str | None]:
         if failed:
             return "failed", trial_failure_reason(trial)
-        if not (trial.last_result or {}).get("done"):
-            # Tune marks the last result of a trial that completed or that a scheduler stopped; one it stopped
-            # because the study was interrupted goes on at --resume.
+        if trial.trial_id in self._started and not (trial.last_result or {}).get("done"):
+            # Tune marks the last result of a trial that completed or that a scheduler stopped; one of this
+            # session's trials it stopped because the study was interrupted goes on at --resume. (A trial restored
+            # from an earlier session ended there; its restored last result carries no mark.)
             return "interrupted", None
         return _ended_state(trial.last_result or {}, self._params(trial), self._max_epochs), None
 
@@ -557,6 +559,7 @@ class MLflowStudyCallback(Callback):
                           self._trial_cost(trial.config) if self._trial_cost and trial.config else None)
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self._started.add(trial.trial_id)
         self._submit(f"run of trial {trial.trial_id}", lambda: self._run_id(trial, restart=True))
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:

@@ -311,13 +311,15 @@ def test_trials_are_finished_by_their_own_epochs_and_one_without_a_config_is_sti
     cut = FakeTrial("cut_00001", {**study_config(), "epochs": 3}, {"training_iteration": 1, "done": True},
                     "TERMINATED")
     interrupted = FakeTrial("cut_00003", {**study_config(), "epochs": 3}, {"training_iteration": 1}, "TERMINATED")
+    restored = FakeTrial("old_00004", {**study_config(), "epochs": 3}, {"training_iteration": 3}, "TERMINATED")
+    callback.on_trial_start(0, [], interrupted)  # started in this session; `restored` ended in an earlier one
     lost = FakeTrial("lost_00002", None, {}, "ERROR")
-    callback.on_experiment_end([short, cut, lost, interrupted])
+    callback.on_experiment_end([short, cut, lost, interrupted, restored])
     # Tune marks the last result done when a trial completes or a scheduler stops it, not when it stops
     # trials because the study is being interrupted.
     assert {row.trial_id: row.state for row in callback.rows} == {
         "short_00000": "finished", "cut_00001": "stopped_early", "lost_00002": "failed",
-        "cut_00003": "interrupted"}
+        "cut_00003": "interrupted", "old_00004": "finished"}
     runs = {run.data.tags["satscale.trial_id"]: run
             for run in child_runs(tracker.client, experiment_id(tracker.client, mlflow_experiment), parent)}
     assert (runs["short_00000"].info.status, runs["cut_00001"].info.status) == ("FINISHED", "KILLED")

@@ -91,3 +91,13 @@ def _nested_model(annotation: Any) -> type[BaseModel] | None:
         if found:
             return found
     return None
+
+
+class StudyInterrupted(RuntimeError):
+    """The study stopped before every trial ended (Ctrl-C, SIGTERM, `ray job stop`): Tune saved its state, the
+    MLflow parent run and its unfinished trials' runs are marked interrupted (KILLED), and `--resume` goes on."""
+
+    def __init__(self, results_path: str) -> None:
+        self.results_path = results_path
+        super().__init__(f"interrupted: the study's state is saved in {results_path}; run the same command with "
+                         "--resume to go on")
