@@ -116,7 +116,7 @@ def study_trials(experiment_path: str) -> list[StudyTrial]:
         checkpoint_path = last_result.get(CHECKPOINT_PATH_KEY)
         if trial.status == Trial.ERROR:
             excluded = "failed"
-        elif trial.status != Trial.TERMINATED or not last_result.get("done"):
+        elif trial.status != Trial.TERMINATED:  # the saved state (an interrupted study saves its trials RUNNING)
             excluded = "had not ended: resume the study, then evaluate it"
         elif not checkpoint_path:
             excluded = "no checkpoint"
