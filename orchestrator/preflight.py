@@ -7,6 +7,7 @@ problem is a ConfigError naming the setting at fault and the fix.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping
@@ -57,15 +58,18 @@ def experiment_path(storage_path: str, study: StudyConfig) -> str:
     return runs[-1] if runs else _run_path(storage_path, study, 1)
 
 
-def check_study_inputs(study: StudyConfig, storage_path: str, resume: bool) -> str:
-    """Everything below, in order; the cluster check needs a connected Ray. Returns where this run of the study
-    keeps its Tune experiment (`run_path`)."""
+def check_study_inputs(study: StudyConfig, storage_path: str, resume: bool, shared_storage: bool = False) -> str:
+    """Everything below, in order; the cluster checks need a connected Ray. Returns where this run of the study
+    keeps its Tune experiment (`run_path`). `shared_storage`: the user says a local storage folder is the same
+    on every node (--shared-storage)."""
     check_storage(storage_path)
     results_path = run_path(study, storage_path, resume)
     if resume:
         check_unchanged(study, results_path)
     check_data(study)
-    check_cluster_capacity(TrialConfig.parse(study.base_values()).workers)
+    capacity = cluster_capacity()
+    check_cluster_capacity(TrialConfig.parse(study.base_values()).workers, capacity)
+    check_storage_reaches_every_node(storage_path, capacity, shared_storage)
     return results_path
 
 
@@ -222,11 +226,26 @@ def check_data(study: StudyConfig) -> None:
 
 # ------------------------------------------------------------------------------------------------ cluster
 
-def cluster_capacity() -> tuple[dict[str, float], list[dict[str, float]], bool]:
-    """(total resources, one resource dict per node shape, whether an autoscaler sets them) at the cluster's
-    largest: with an autoscaler, what its node types reach at their max counts (a cluster that starts with no
-    GPU node may still get some); without, the nodes there now."""
-    nodes = [dict(node["Resources"]) for node in ray.nodes() if node["Alive"]]
+# Filesystems that show every node the same files when mounted at the same path (/proc/mounts' type names).
+NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "beegfs", "ceph", "glusterfs",
+                                 "fuse.glusterfs", "fuse.s3fs", "fuse.gcsfuse", "fuse.mountpoint-s3",
+                                 "fuse.juicefs", "fuse.sshfs", "9p", "virtiofs"})
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterCapacity:
+    """The cluster at its largest: with an autoscaler, what its node types reach at their max counts (a cluster
+    that starts with no GPU node may still get some); without, the nodes there now."""
+    totals: dict[str, float]  # resources in all
+    node_shapes: list[dict[str, float]]  # one resource dict per node (and per autoscaled node type)
+    autoscaling: bool
+    alive_nodes: int  # nodes up now
+
+
+def cluster_capacity() -> ClusterCapacity:
+    """The connected cluster's `ClusterCapacity`."""
+    alive = [dict(node["Resources"]) for node in ray.nodes() if node["Alive"]]
+    nodes = list(alive)
     totals = dict(ray.cluster_resources())
     # Ray Train reads the autoscaler's limits the same way before placing a worker group.
     config = ray._private.state.state.get_cluster_config()
@@ -235,17 +254,17 @@ def cluster_capacity() -> tuple[dict[str, float], list[dict[str, float]], bool]:
         nodes += [dict(group.resources) for group in config.node_group_configs if group.max_count != 0]
         limits = ray._private.state.state.get_max_resources_from_cluster_config() or {}
         totals = {name: max(totals.get(name, 0), limits.get(name, 0)) for name in {*totals, *limits}}
-    return totals, nodes, autoscaling
+    return ClusterCapacity(totals, nodes, autoscaling, len(alive))
 
 
 def _format(resources: Mapping[str, float]) -> str:
     return ", ".join(f"{amount:g} {name}" for name, amount in sorted(resources.items())) or "nothing"
 
 
-def check_cluster_capacity(workers: WorkersConfig) -> None:
+def check_cluster_capacity(workers: WorkersConfig, capacity: ClusterCapacity) -> None:
     """A trial's worker group must fit the cluster at its largest: each worker on one node, all of them in
     total. Otherwise the trial would wait for resources forever."""
-    totals, nodes, autoscaling = cluster_capacity()
+    totals, nodes, autoscaling = capacity.totals, capacity.node_shapes, capacity.autoscaling
     where = ("(at its largest: the autoscaler's node types at their max counts)" if autoscaling
              else "(no autoscaler: the nodes there now)")
     per_worker = workers.resources_per_worker()
@@ -266,3 +285,38 @@ def check_cluster_capacity(workers: WorkersConfig) -> None:
                           f"{_format(short)}, but the cluster has {_format(available)} {where}; lower "
                           "workers.num_workers (keeping global_batch_size divisible by it) or "
                           "workers.cpus_per_worker, or use a larger cluster")
+
+
+def _filesystem_type(path: Path, mounts: Path = Path("/proc/mounts")) -> str | None:
+    """The type of the filesystem holding `path` (its longest mount point), or None where mounts are unknown."""
+    try:
+        entries = [line.split()[1:3] for line in mounts.read_text().splitlines() if len(line.split()) >= 3]
+    except OSError:
+        return None
+    resolved = str(path.resolve())
+    holding = [(point, kind) for point, kind in entries
+               if resolved == point or resolved.startswith(point.rstrip("/") + "/")]
+    return max(holding, key=lambda entry: len(entry[0]))[1] if holding else None
+
+
+def check_storage_reaches_every_node(storage_path: str, capacity: ClusterCapacity, shared_storage: bool,
+                                     mounts: Path = Path("/proc/mounts")) -> None:
+    """Trials write checkpoints from whichever node runs them, and a resumed trial reads them on another: on a
+    cluster that has (or an autoscaler may add) nodes beside this one, a local folder must be a shared filesystem.
+    A network filesystem is recognised; `shared_storage` vouches for one that is not (the same disk on every
+    node, as with fake nodes on one machine)."""
+    if shared_storage or not (capacity.autoscaling or capacity.alive_nodes > 1):
+        return
+    parts = urlsplit(storage_path)
+    if "://" in storage_path and parts.scheme != "file":
+        return
+    folder = Path(parts.path if "://" in storage_path else storage_path)
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    kind = _filesystem_type(existing, mounts)
+    if kind in NETWORK_FILESYSTEMS:
+        return
+    reach = "an autoscaler adds nodes to" if capacity.autoscaling else f"{capacity.alive_nodes} nodes run"
+    raise ConfigError(f"storage {storage_path!r} (--storage) is a folder on this node ({kind or 'unknown'} "
+                      f"filesystem), but {reach} this Ray cluster: trials on other nodes could not write or resume "
+                      "their checkpoints there; use --storage s3://BUCKET/PREFIX, or add --shared-storage if that "
+                      "folder is a shared filesystem mounted at the same path on every node")

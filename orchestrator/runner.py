@@ -137,7 +137,7 @@ def build_tuner(study: StudyConfig, storage_path: str, results_path: str, callba
     """A new Tuner writing to `results_path`, or with `resume` the interrupted one there (finished trials are
     kept, unfinished ones go on; its callbacks and verbosity are the ones saved with it). `verbose`: Tune's own
     output (None: Tune's default, 0: none, as under the live view)."""
-    capacity = cluster_capacity()[0]
+    capacity = cluster_capacity().totals
     trainable = _trainable(study, storage_path, capacity)
     if resume:
         return tune.Tuner.restore(results_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
@@ -246,12 +246,12 @@ class TrackingUnavailableError(RuntimeError):
 
 
 def run_study(study: StudyConfig, storage_path: str, tracking_uri: str, resume: bool = False,
-              console: ConsoleSettings | None = None) -> StudyOutcome:
+              console: ConsoleSettings | None = None, shared_storage: bool = False) -> StudyOutcome:
     """Run (or with `resume`, continue) `study` on the connected Ray cluster; returns its report rows. With
     `console`, the live view of `orchestrator.console` shows it on the terminal (the command line's way)."""
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", EXPERIMENT_STATE_PERIOD_S)
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_INTERVAL_S)
-    results_path = check_study_inputs(study, storage_path, resume)  # before anything is converted, tracked or stored
+    results_path = check_study_inputs(study, storage_path, resume, shared_storage)  # before anything is converted, tracked or stored
     _keep_credentials_out_of_trial_runtime_envs()
     params, cost = _study_functions(study)
     callbacks, logs_dir = console.start(study, results_path, params) if console else ([], None)
@@ -272,7 +272,7 @@ def run_study(study: StudyConfig, storage_path: str, tracking_uri: str, resume: 
         if interrupted():
             raise StudyInterrupted(results_path)
         rows = study_rows(results, params, cost, study.max_epochs())
-        callback.flush(force=True)
+        callback.flush()
         try:
             best_model_uri = _log_study_end(tracker, parent_run_id, rows, results, storage_path)
         except Exception as error:

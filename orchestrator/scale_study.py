@@ -61,6 +61,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--verbose", action="store_true",
                         help="show Ray's, Tune's and the workers' own output on the console too (by default it goes "
                              "to log files in the study's folder, and the console shows the study's live view)")
+    parser.add_argument("--shared-storage", action="store_true",
+                        help="a local --storage folder is a shared filesystem mounted at the same path on every node "
+                             "(needed on a multi-node or autoscaling cluster unless it is a recognised network "
+                             "filesystem such as NFS)")
     parser.add_argument("--bind-all", action="store_true",
                         help="let the local Ray this script starts (without RAY_ADDRESS) listen on every network "
                              "interface, dashboard included, instead of 127.0.0.1 only; token authentication stays on")
@@ -222,7 +226,7 @@ def _main(args: argparse.Namespace) -> int:
         try:
             with sigterm_as_ctrl_c():
                 outcome = run_study(study, storage_uri(args.storage), tracking_uri, resume=args.resume,
-                                    console=ConsoleSettings(verbose=args.verbose))
+                                    console=ConsoleSettings(verbose=args.verbose), shared_storage=args.shared_storage)
         except TrackingUnavailableError as error:
             print(leaderboard_markdown(error.rows))
             print(f"scale_study: {error}", file=sys.stderr)

@@ -3,8 +3,8 @@
 Everything goes through an explicit `MlflowClient` (the fluent API keeps global, cwd-dependent state that is
 not thread-safe). Every write is idempotent, so a resumed study reuses its parent run, a restored trial its
 child run, and a replayed epoch is not logged twice. The Tune callback never lets MLflow stop the study:
-calls that fail while the server is unreachable wait in a queue and are retried on the next event and at
-the end of the study. Nothing logged (params, tags, reasons) carries a credential: see `redact`.
+its calls are sent by a background thread, and calls that fail while the server is unreachable wait in its
+queue and are retried after an interval and at the end of the study. Nothing logged (params, tags, reasons) carries a credential: see `redact`.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import numbers
 import os
 import re
 import tempfile
+import threading
 import time
 import warnings
 from collections import deque
@@ -460,10 +461,11 @@ class MLflowStudyCallback(Callback):
     """Mirrors a Tune study into MLflow (a child run per trial, per-epoch metrics, trial states) and
     collects each trial's final row for the reports (`rows`, complete after the study ends).
 
-    MLflow trouble never reaches Tune: a call that fails for a reason a retry can fix waits in one queue,
-    replayed in order on the first event after `retry_interval_s` (an outage costs one failed call per
-    interval, not one per event) and at the end; whatever still could not be logged then is reported in a
-    warning and in `unlogged`.
+    MLflow never holds up Tune: its calls wait in one queue, sent in order by a background thread, so Tune's
+    event loop (which hands trials their results) never waits on a slow or absent server. A call that fails for
+    a reason a retry can fix stays at the head of the queue and is tried again `retry_interval_s` later (an
+    outage costs one failed call per interval, not one per event); at the end of the study the queue is tried
+    once more, and whatever still could not be logged is reported in a warning and in `unlogged`.
 
     `Tuner.restore` brings back the pickled copy of this callback made when the Tuner was built (RunConfig
     is restored, not passed again): it logs to the same parent run, but the driver holds no reference to
@@ -479,27 +481,46 @@ class MLflowStudyCallback(Callback):
         self._max_epochs = max_epochs
         self._metric_keys = metric_keys
         self._retry_interval_s = retry_interval_s
-        self._retry_after = 0.0  # time.monotonic() before which queued calls wait
         self._run_ids: dict[str, str] = {}
         self._concluded: set[str] = set()
         self._started: set[str] = set()  # trials that started in this session of the study
         self._pending: deque[tuple[str, Callable[[], Any]]] = deque()
         self._dropped: list[str] = []
         self.rows: list[StudyRow] = []
+        self._start_sending()
+
+    def _start_sending(self) -> None:
+        self._retry_after = 0.0  # time.monotonic() before which the sender waits after a failure
+        self._queue_changed = threading.Condition()
+        self._sender: threading.Thread | None = None
+        self._sending = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its callbacks with the Tuner: the sender thread and its lock stay with this process.
+        with self._queue_changed:
+            state = {**self.__dict__, "_pending": deque(self._pending)}
+        for name in ("_queue_changed", "_sender", "_sending", "_retry_after"):
+            state.pop(name)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._start_sending()
 
     @property
     def unlogged(self) -> list[str]:
         """What has not reached MLflow: calls still queued, then calls given up on, each with its reason."""
-        return [description for description, _ in self._pending] + self._dropped
+        with self._queue_changed:
+            return [description for description, _ in self._pending] + self._dropped
 
-    def flush(self, force: bool = False) -> bool:
-        """Replay queued calls in order until one fails for a reason a retry may fix (the server is still
-        down: stop there, so a flush waits for at most one failed call). Unless `force`d, nothing is tried
-        until the retry interval after a failure has passed. True when the queue is empty."""
-        if not force and time.monotonic() < self._retry_after:
-            return not self._pending
-        while self._pending:
-            description, call = self._pending[0]
+    def _send_queued(self) -> bool:
+        """Send queued calls in order until one fails for a reason a retry may fix (the server is still down:
+        stop there, so one pass waits for at most one failed call). True when the queue is empty."""
+        while True:
+            with self._queue_changed:
+                if not self._pending:
+                    return True
+                description, call = self._pending[0]
             try:
                 call()
             except Exception as error:
@@ -510,12 +531,38 @@ class MLflowStudyCallback(Callback):
                     return False
                 self._dropped.append(f"{description}: {first_line(error)}")
                 logger.warning("MLflow rejected %s: %s", description, error)
-            self._pending.popleft()
-        return True
+            with self._queue_changed:
+                self._pending.popleft()
+
+    def _send_in_background(self) -> None:
+        while True:
+            with self._queue_changed:
+                while self._sending and (not self._pending or time.monotonic() < self._retry_after):
+                    self._queue_changed.wait(timeout=max(self._retry_after - time.monotonic(), 0) or None)
+                if not self._sending:
+                    return
+            self._send_queued()
+
+    def flush(self) -> bool:
+        """Stop the background sender (after the call it is making) and send what is queued now, once, in
+        this thread. True when everything queued reached MLflow."""
+        with self._queue_changed:
+            self._sending = False
+            self._queue_changed.notify_all()
+        if self._sender is not None:
+            self._sender.join()
+            self._sender = None
+        return self._send_queued()
 
     def _submit(self, description: str, call: Callable[[], Any]) -> None:
-        self._pending.append((description, call))
-        self.flush()
+        with self._queue_changed:
+            self._pending.append((description, call))
+            if self._sender is None:
+                self._sending = True
+                self._sender = threading.Thread(target=self._send_in_background, name="satscale-mlflow-sender",
+                                                daemon=True)
+                self._sender.start()
+            self._queue_changed.notify_all()
 
     def _params(self, trial: Trial) -> dict[str, Any]:
         return redact(self._trial_params(trial.config)) if trial.config else {}
@@ -581,7 +628,7 @@ class MLflowStudyCallback(Callback):
                 self._log_result(trial, trial.last_result or {})
                 self._conclude(trial, failed=trial.status == Trial.ERROR)
         self.rows = [self._row(trial) for trial in terminal]
-        if not self.flush(force=True) or self._dropped:
+        if not self.flush() or self._dropped:
             message = f"{len(self.unlogged)} MLflow call(s) could not be logged: " + "; ".join(self.unlogged)
             logger.warning(message)
             warnings.warn(message, RuntimeWarning, stacklevel=2)

@@ -317,8 +317,7 @@ class StudyConfig(BaseModel):
     def parse(cls, values: dict[str, Any]) -> StudyConfig:
         """Validate a study dict; ConfigError naming the path of the first bad setting."""
         study = validated(cls, values)
-        _check_trials(study)
-        _check_tune(study)
+        _check_tune(study, _check_trials(study))
         return study
 
     def base_values(self) -> dict[str, Any]:
@@ -367,11 +366,11 @@ class StudyConfig(BaseModel):
         return validated(TrialConfig, values)
 
 
-def _check_trials(study: StudyConfig) -> None:
+def _check_trials(study: StudyConfig) -> list[tuple[str, TrialConfig]]:
     """Every activation's parameters, then every searched value, then every combination of them (rules between
     fields, e.g. warm-up below epochs), each tried in a complete trial config. The activations come first: the
     trials that check the other values use the first one, so its errors must already read
-    `search.activations[i]`."""
+    `search.activations[i]`. Returns the combinations' trials, each with the searched values that made it."""
     study.base_values()  # the base alone first, so its errors read `base.<path>`
     for index, entry in enumerate(study.search.activations or ()):
         first = {name: value.candidates()[0] for name, value in entry.params.items()}
@@ -391,13 +390,16 @@ def _check_trials(study: StudyConfig) -> None:
             except ConfigError as error:
                 raise ConfigError(f"{searched.path}: {value!r} makes an invalid trial:\n{error}"
                                   + _FLOAT_HINT * searched.distribution.draws_floats) from None
+    trials = []
     for combination in _value_combinations(_searched_values(study)):
+        together = " with ".join(f"{path}={value!r}" for path, _key, value in combination)
+        sampled = {key: value for _path, key, value in combination}
         try:
-            study.trial_config({**sample, **{key: value for _path, key, value in combination}})
+            trials.append((together, study.trial_config({**sample, **sampled})))
         except ConfigError as error:
-            together = " with ".join(f"{path}={value!r}" for path, _key, value in combination)
             raise ConfigError(f"search: {together} makes an invalid trial:\n{error}\nevery combination the "
                               "search can draw must make a valid trial; narrow one of these ranges") from None
+    return trials
 
 
 _FLOAT_HINT = ("\n(uniform, loguniform and quniform draw floats; for a whole-number setting use "
@@ -430,8 +432,9 @@ def _value_combinations(settings: list[list[tuple[str, str, Any]]]):
         yield from itertools.product(first, second)
 
 
-def _check_tune(study: StudyConfig) -> None:
-    _check_metric(study)
+def _check_tune(study: StudyConfig, trials: list[tuple[str, TrialConfig]]) -> None:
+    """Tune's settings against the study and the `trials` its search can make (`_check_trials`)."""
+    _check_metric(study, trials)
     asha = study.asha_settings()
     if study.tune.scheduler == "asha" and asha.grace_period > asha.max_t:
         raise ConfigError(f"tune.asha.grace_period: {asha.grace_period} exceeds max_t ({asha.max_t} epochs); "
@@ -444,7 +447,7 @@ def _check_tune(study: StudyConfig) -> None:
         _check_optuna(study)
 
 
-def _check_metric(study: StudyConfig) -> None:
+def _check_metric(study: StudyConfig, trials: list[tuple[str, TrialConfig]]) -> None:
     """Tune ranks trials by a metric every epoch reports, in the direction in which it is better (a missing one
     would only fail inside Tune, after trials ran)."""
     metric, mode = study.tune.metric, study.tune.mode
@@ -454,11 +457,9 @@ def _check_metric(study: StudyConfig) -> None:
     if mode != OBJECTIVES[metric]:
         raise ConfigError(f"tune.mode: {mode!r} would rank the trials with the worst {metric} first; set mode: "
                           f"{OBJECTIVES[metric]}")
-    sample = study.representative_sample()
-    variations = [("", {})] + [(f" with {item.path}={value!r}", {item.key: value})
-                               for item in study.search.searched() for value in item.distribution.candidates()]
-    for where, variation in variations:
-        if metric not in objectives(study.trial_config({**sample, **variation}).train):
+    for searched, trial in trials:
+        if metric not in objectives(trial.train):
+            where = f" with {searched}" if searched else ""
             raise ConfigError(f"tune.metric: {metric!r} needs an eval attack, but trials{where} have none "
                               "(train.eval_attack is null); set train.eval_attack or tune.metric: clean_acc")
 

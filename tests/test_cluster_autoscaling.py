@@ -163,7 +163,7 @@ def fake_autoscaling_cluster(tmp_path):
         yield gcs_address, head
     finally:
         if head is not None:
-            _stop_group(head, grace_s=20)
+            _stop_group(head, grace_s=5)  # an orderly stop takes ~30 s; SIGKILL leaves nothing behind either
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -196,6 +196,14 @@ def test_a_study_scales_a_gpu_node_type_up_from_zero_and_back(fake_autoscaling_c
     command = [sys.executable, str(SCRIPT), "--config", str(_study_file(tmp_path / "study.yaml", digits_betons)),
                "--storage", str(tmp_path / "storage"), "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
                "--verbose"]  # Tune's own status lines too: they name the resources the trial's driver took
+    # A local folder on an autoscaling cluster is refused before anything runs; these fake nodes share this
+    # machine's disk, which --shared-storage vouches for.
+    refused = subprocess.run(command, env={**os.environ, "RAY_ADDRESS": gcs_address}, capture_output=True,
+                             text=True, timeout=180)
+    assert refused.returncode == 2, refused.stdout[-3000:] + refused.stderr[-3000:]
+    assert "is a folder on this node" in refused.stderr and "--shared-storage" in refused.stderr
+    assert not (tmp_path / "storage").exists() and not (tmp_path / "mlflow.db").exists()
+    command.append("--shared-storage")
     log_path = tmp_path / "study.log"
     with open(log_path, "w") as log:
         study = subprocess.Popen(command, env={**os.environ, "RAY_ADDRESS": gcs_address}, stdout=log,

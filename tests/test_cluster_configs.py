@@ -144,6 +144,34 @@ def test_runner_sizes_studies_by_what_the_cluster_can_grow_to():
     assert max_concurrent_trials(load_study("default"), laptop) == 4
 
 
+def test_local_storage_is_refused_where_trials_may_run_on_other_nodes(tmp_path):
+    """Checkpoints are written from whichever node runs a trial and read back on another after a loss: on a
+    cluster of several nodes, or one an autoscaler grows, a local folder must be shared. (The clusters here are
+    described, not started: the real multi-node path is tests/test_cluster_autoscaling.py.)"""
+    from orchestrator.preflight import ClusterCapacity, check_storage_reaches_every_node
+
+    one_node = ClusterCapacity({"CPU": 2.0}, [{"CPU": 2.0}], autoscaling=False, alive_nodes=1)
+    two_nodes = ClusterCapacity({"CPU": 4.0}, [{"CPU": 2.0}] * 2, autoscaling=False, alive_nodes=2)
+    autoscaled = ClusterCapacity({"CPU": 34.0}, [{"CPU": 2.0}, {"CPU": 32.0}], autoscaling=True, alive_nodes=1)
+    storage = tmp_path / "studies" / "new"  # not made yet: its nearest existing parent's filesystem counts
+    storage.parent.mkdir()
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"/dev/vda1 / ext4 rw 0 0\nserver:/export {tmp_path / 'studies'} nfs4 rw 0 0\n")
+    local_mounts = tmp_path / "local_mounts"
+    local_mounts.write_text("/dev/vda1 / ext4 rw 0 0\n")
+
+    check_storage_reaches_every_node(str(storage), one_node, shared_storage=False, mounts=local_mounts)
+    for capacity, says in ((two_nodes, "2 nodes run this Ray cluster"), (autoscaled, "an autoscaler adds nodes")):
+        for given in (str(storage), storage.as_uri()):
+            with pytest.raises(ConfigError, match=rf"storage .*\(--storage\) is a folder on this node \(ext4 "
+                                                  rf"filesystem\), but {says}.* use --storage s3://BUCKET/PREFIX, "
+                                                  rf"or add --shared-storage"):
+                check_storage_reaches_every_node(given, capacity, shared_storage=False, mounts=local_mounts)
+        check_storage_reaches_every_node(str(storage), capacity, shared_storage=True, mounts=local_mounts)
+        check_storage_reaches_every_node(str(storage), capacity, shared_storage=False, mounts=mounts)  # NFS
+        check_storage_reaches_every_node("s3://bucket/studies", capacity, shared_storage=False, mounts=local_mounts)
+
+
 # --- installs, images -----------------------------------------------------------------------------------------
 
 def test_setup_installs_what_make_setup_does():

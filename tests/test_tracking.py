@@ -2,6 +2,7 @@
 and a real local Ray Tune run; reports; resume idempotency; an unreachable server; secret redaction."""
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import re
@@ -279,6 +280,7 @@ def test_an_interrupted_study_resumes_into_the_same_runs_through_the_callback(tr
     complete(before, done)
     cut.last_result = synthetic_metrics(cut.config, 0)
     before.on_trial_result(0, [], cut, cut.last_result)
+    before.flush()  # what reached MLflow before the driver died
     # The driver dies here. The resumed study restores `cut` from its epoch-0 checkpoint, so epoch 0's result
     # may be reported again; `done` is not re-run.
     assert StudyTracker(mlflow_server, mlflow_experiment).start_study("study-d", "/studies/study-d", resume=True) == parent
@@ -463,7 +465,7 @@ def test_best_model_is_logged_in_a_safe_format_and_loads_back(tracker: StudyTrac
 def test_unreachable_server_queues_calls_returns_promptly_and_warns():
     dead_uri = f"http://127.0.0.1:{free_loopback_port()}"
     tracker = StudyTracker(dead_uri, "unreachable", request_timeout_s=1, max_retries=1)
-    callback = MLflowStudyCallback(tracker, "0" * 32, all_params, max_epochs=MAX_EPOCHS, retry_interval_s=0)
+    callback = MLflowStudyCallback(tracker, "0" * 32, all_params, max_epochs=MAX_EPOCHS, retry_interval_s=0.5)
     trial = FakeTrial("t_00000", study_config())
     started = time.monotonic()
     callback.on_trial_start(0, [trial], trial)
@@ -471,6 +473,7 @@ def test_unreachable_server_queues_calls_returns_promptly_and_warns():
         trial.last_result = synthetic_metrics(trial.config, epoch)
         callback.on_trial_result(0, [trial], trial, trial.last_result)
     complete(callback, trial)
+    assert time.monotonic() - started < 0.5  # Tune's events never wait for MLflow
     with pytest.warns(RuntimeWarning, match=r"5 MLflow call\(s\) could not be logged"):
         callback.on_experiment_end([trial])
     assert time.monotonic() - started < 10
@@ -480,22 +483,37 @@ def test_unreachable_server_queues_calls_returns_promptly_and_warns():
     assert [row.state for row in callback.rows] == ["finished"]  # the reports do not need MLflow
 
 
-def test_a_hanging_server_costs_one_timeout_per_retry_interval():
-    with socket.socket() as silent:  # accepts connections (the kernel's backlog) and never answers
+def test_a_hanging_server_costs_one_timeout_per_retry_interval_and_never_holds_up_tune():
+    connections = []
+    with socket.socket() as silent:  # accepts connections and never answers
         silent.bind(("127.0.0.1", 0))
         silent.listen(16)
+
+        def accept_forever() -> None:
+            with contextlib.suppress(OSError):  # the socket closed at the end of the test
+                while True:
+                    connections.append(silent.accept()[0])
+
+        threading.Thread(target=accept_forever, daemon=True).start()
         tracker = StudyTracker(f"http://127.0.0.1:{silent.getsockname()[1]}", "hanging", request_timeout_s=1,
                                max_retries=0)
         callback = MLflowStudyCallback(tracker, "0" * 32, all_params, max_epochs=MAX_EPOCHS, retry_interval_s=60)
         trial = FakeTrial("t_00000", study_config())
         started = time.monotonic()
         callback.on_trial_start(0, [trial], trial)
-        first_event_s = time.monotonic() - started
         trial.last_result = synthetic_metrics(trial.config, 0)
         callback.on_trial_result(0, [trial], trial, trial.last_result)
-        second_event_s = time.monotonic() - started - first_event_s
-    assert 0.9 < first_event_s < 5  # the 1 s timeout, not MLflow's default 120 s with 7 retries
-    assert second_event_s < 0.5  # within the retry interval: queued, not tried
+        events_s = time.monotonic() - started
+        time.sleep(3)  # the first call timed out after 1 s; the next try waits for the retry interval
+        tried_in_interval = len(connections)
+        flush_started = time.monotonic()
+        assert not callback.flush()  # the end of a study tries once more, at once
+        flush_s = time.monotonic() - flush_started
+        for connection in connections:
+            connection.close()
+    assert events_s < 0.5  # Tune's events never wait for MLflow
+    assert tried_in_interval == 1  # one timeout per retry interval, not one per event
+    assert len(connections) == 2 and 0.9 < flush_s < 5  # the 1 s timeout, not MLflow's 120 s with 7 retries
     assert len(callback.unlogged) == 2
 
 
@@ -529,17 +547,21 @@ def test_queued_calls_reach_the_server_once_it_is_back(mlflow_server: str, mlflo
     port = free_loopback_port()
     tracker = StudyTracker(f"http://127.0.0.1:{port}", mlflow_experiment, request_timeout_s=2, max_retries=0)
     parent = StudyTracker(mlflow_server, mlflow_experiment).start_study("study-g", "/studies/study-g")
-    callback = MLflowStudyCallback(tracker, parent, all_params, max_epochs=MAX_EPOCHS, retry_interval_s=0)
+    callback = MLflowStudyCallback(tracker, parent, all_params, max_epochs=MAX_EPOCHS, retry_interval_s=0.5)
     trial = FakeTrial("t_00000", study_config())
     callback.on_trial_start(0, [trial], trial)
     trial.last_result = synthetic_metrics(trial.config, 0)
     callback.on_trial_result(0, [trial], trial, trial.last_result)
+    time.sleep(1)
     assert len(callback.unlogged) == 2
 
     proxy = forwarding_proxy(port, int(mlflow_server.rsplit(":", 1)[1]))
     try:
         trial.last_result = synthetic_metrics(trial.config, 1)
-        callback.on_trial_result(0, [trial], trial, trial.last_result)  # the next event flushes the queue
+        callback.on_trial_result(0, [trial], trial, trial.last_result)
+        deadline = time.monotonic() + 15  # the sender tries again on its own after the retry interval
+        while callback.unlogged and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert callback.unlogged == []
         client = tracker.client
         (child,) = child_runs(client, experiment_id(client, mlflow_experiment), parent)
