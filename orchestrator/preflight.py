@@ -75,12 +75,17 @@ def check_study_inputs(study: StudyConfig, storage_path: str, resume: bool, shar
 
 # ------------------------------------------------------------------------------------------------ storage
 
+def _nearest_existing(folder: Path) -> Path:
+    """`folder`, or its nearest parent that exists (storage folders are made by Tune, not here)."""
+    return next(path for path in (folder, *folder.parents) if path.exists())
+
+
 def check_storage(storage_path: str) -> None:
     """A local folder (its nearest existing parent must be a writable folder; nothing is created here), or a
     bucket that exists, reached with the standard cloud credentials, never ones written into the URI."""
     label = f"storage {mask_url_credentials(storage_path)!r} (--storage)"
     if "://" not in storage_path:
-        existing = next(path for path in (Path(storage_path), *Path(storage_path).parents) if path.exists())
+        existing = _nearest_existing(Path(storage_path))
         if not existing.is_dir():
             raise ConfigError(f"{label}: {existing} is a file, not a folder; choose another --storage")
         if not os.access(existing, os.W_OK | os.X_OK):
@@ -290,7 +295,7 @@ def check_cluster_capacity(workers: WorkersConfig, capacity: ClusterCapacity) ->
 def _filesystem_type(path: Path, mounts: Path = Path("/proc/mounts")) -> str | None:
     """The type of the filesystem holding `path` (its longest mount point), or None where mounts are unknown."""
     try:
-        entries = [line.split()[1:3] for line in mounts.read_text().splitlines() if len(line.split()) >= 3]
+        entries = [fields[1:3] for fields in map(str.split, mounts.read_text().splitlines()) if len(fields) >= 3]
     except OSError:
         return None
     resolved = str(path.resolve())
@@ -307,12 +312,10 @@ def check_storage_reaches_every_node(storage_path: str, capacity: ClusterCapacit
     node, as with fake nodes on one machine)."""
     if shared_storage or not (capacity.autoscaling or capacity.alive_nodes > 1):
         return
-    parts = urlsplit(storage_path)
-    if "://" in storage_path and parts.scheme != "file":
+    if "://" in storage_path and urlsplit(storage_path).scheme != "file":
         return
-    folder = Path(parts.path if "://" in storage_path else storage_path)
-    existing = next(path for path in (folder, *folder.parents) if path.exists())
-    kind = _filesystem_type(existing, mounts)
+    folder = Path(urlsplit(storage_path).path if "://" in storage_path else storage_path)
+    kind = _filesystem_type(_nearest_existing(folder), mounts)
     if kind in NETWORK_FILESYSTEMS:
         return
     reach = "an autoscaler adds nodes to" if capacity.autoscaling else f"{capacity.alive_nodes} nodes run"

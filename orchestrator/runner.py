@@ -251,7 +251,8 @@ def run_study(study: StudyConfig, storage_path: str, tracking_uri: str, resume: 
     `console`, the live view of `orchestrator.console` shows it on the terminal (the command line's way)."""
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", EXPERIMENT_STATE_PERIOD_S)
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_INTERVAL_S)
-    results_path = check_study_inputs(study, storage_path, resume, shared_storage)  # before anything is converted, tracked or stored
+    # Before anything is converted, tracked or stored.
+    results_path = check_study_inputs(study, storage_path, resume, shared_storage)
     _keep_credentials_out_of_trial_runtime_envs()
     params, cost = _study_functions(study)
     callbacks, logs_dir = console.start(study, results_path, params) if console else ([], None)

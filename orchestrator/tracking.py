@@ -4,7 +4,8 @@ Everything goes through an explicit `MlflowClient` (the fluent API keeps global,
 not thread-safe). Every write is idempotent, so a resumed study reuses its parent run, a restored trial its
 child run, and a replayed epoch is not logged twice. The Tune callback never lets MLflow stop the study:
 its calls are sent by a background thread, and calls that fail while the server is unreachable wait in its
-queue and are retried after an interval and at the end of the study. Nothing logged (params, tags, reasons) carries a credential: see `redact`.
+queue and are retried after an interval and at the end of the study. Nothing logged (params, tags, reasons)
+carries a credential: see `redact`.
 """
 from __future__ import annotations
 

@@ -79,6 +79,7 @@ def test_a_trial_gives_identical_results_beside_others_in_a_study_and_alone_afte
     killer.join(timeout=5)
     assert "killed" in outcome, f"no worker was killed, so no resume was exercised: {outcome}"
     assert killed.error is None
+    assert killed.return_value["replicas_in_sync"]  # both DDP replicas resumed onto the same weights
     frame = killed.metrics_dataframe.sort_values("epoch")
     assert [tuple(row[key] for key in PER_EPOCH) for row in frame.to_dict("records")] == beside
     with killed.checkpoint.as_directory() as directory:
