@@ -9,12 +9,13 @@ from __future__ import annotations
 import csv
 import statistics
 import textwrap
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from orchestrator.comparisons import binomial_accuracy
+from orchestrator.costs import Spend, total_spend
 
 TrialState = Literal["finished", "stopped_early", "failed", "interrupted"]
 
@@ -35,6 +36,7 @@ class StudyRow:
     epochs: int
     failure_reason: str | None = None
     eval_images: int | None = None  # how many test images the accuracies count (their interval's width)
+    spend: Spend | None = None  # device-hours and dollars (orchestrator.costs)
 
     @property
     def activation(self) -> str:
@@ -58,7 +60,7 @@ def leaderboard(rows: Iterable[StudyRow]) -> list[StudyRow]:
 def write_leaderboard_csv(rows: Iterable[StudyRow], path: Path) -> Path:
     ordered = leaderboard(rows)
     result_columns = ["rank", "trial_id", "state", "clean_acc", "robust_acc", "cost_flops", "epochs",
-                      "failure_reason", "eval_images"]
+                      "failure_reason", "eval_images", *SPEND_COLUMNS]
     param_columns = sorted({name for row in ordered for name in row.params} - set(result_columns))
     with open(path, "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=result_columns + param_columns, extrasaction="ignore")
@@ -68,8 +70,23 @@ def write_leaderboard_csv(rows: Iterable[StudyRow], path: Path) -> Path:
             writer.writerow({**row.params, "rank": rank, "trial_id": row.trial_id, "state": row.state,
                              "clean_acc": row.clean_acc, "robust_acc": row.robust_acc, "cost_flops": row.cost_flops,
                              "epochs": row.epochs, "failure_reason": row.failure_reason or "",
-                             "eval_images": row.eval_images or ""})
+                             "eval_images": row.eval_images or "", **_spend_values(row.spend)})
     return path
+
+
+SPEND_COLUMNS = ("wall_s", "cpu_hours", "gpu_hours", "cost_usd")
+
+
+def _spend_values(spend: Spend | None) -> dict[str, float | str]:
+    if spend is None:
+        return dict.fromkeys(SPEND_COLUMNS, "")
+    return {"wall_s": round(spend.wall_s, 1), "cpu_hours": round(spend.cpu_hours, 6),
+            "gpu_hours": round(spend.gpu_hours, 6), "cost_usd": round(spend.usd, 6)}
+
+
+def spend_summary(spend: Spend) -> str:
+    """`0.041 CPU-hours, 0 GPU-hours, est. $0.0026`: what a trial or a study spent."""
+    return f"{spend.cpu_hours:.3g} CPU-hours, {spend.gpu_hours:.3g} GPU-hours, est. ${spend.usd:.2g}"
 
 
 def _percent(accuracy: float | None, images: int | None = None) -> str:
@@ -115,13 +132,23 @@ def leaderboard_markdown(rows: Iterable[StudyRow]) -> str:
     """The paper's table (activation × clean × PGD robust, accuracies in %, with their 95 % intervals over the
     test images where the rows say how many), one line per trial, best first; Notes says which trials were
     stopped early or failed."""
-    lines = ["| Rank | Activation | Scale (arch, depth, width, res) | Clean acc (%) | PGD robust acc (%) | Notes |",
-             "|---:|---|---|---:|---:|---|"]
+    rows = list(rows)
+    lines = ["| Rank | Activation | Scale (arch, depth, width, res) | Clean acc (%) | PGD robust acc (%) | "
+             "Device-hours | Notes |", "|---:|---|---|---:|---:|---:|---|"]
     for rank, row in enumerate(leaderboard(rows), start=1):
         cells = [rank, row.activation, _scale(row), _percent(row.clean_acc, row.eval_images),
-                 _percent(row.robust_acc, row.eval_images), _notes(row)]
+                 _percent(row.robust_acc, row.eval_images), _device_hours(row.spend), _notes(row)]
         lines.append("| " + " | ".join(_cell(cell) for cell in cells) + " |")
+    if any(row.spend for row in rows):
+        lines.append(f"\nSpent: {spend_summary(total_spend(row.spend for row in rows))} "
+                     "(wall time x the trials' workers' resources; dollars at the cost block's node prices).")
     return "\n".join(lines) + "\n"
+
+
+def _device_hours(spend: Spend | None) -> str:
+    if spend is None:
+        return "–"
+    return f"{spend.gpu_hours:.3g} GPU-h" if spend.gpu_hours else f"{spend.cpu_hours:.3g} CPU-h"
 
 
 def pareto_front(rows: Iterable[StudyRow]) -> list[StudyRow]:
@@ -175,6 +202,53 @@ def plot_pareto(rows: Iterable[StudyRow], path: Path) -> Path:
     axes.set_ylabel("PGD robust accuracy (%)")
     costed = any(row.cost_flops for row in points)
     axes.set_title("Clean vs robust accuracy" + (" (marker area ∝ FLOPs per image)" if costed else ""))
+    axes.grid(True, alpha=0.3)
+    figure.savefig(path, format="png")
+    return path
+
+
+def cost_front(rows: Iterable[StudyRow], hours: Callable[[Spend], float]) -> list[StudyRow]:
+    """Trials no other trial beats on both robust accuracy and spent `hours`, cheapest first."""
+    candidates = [row for row in rows if row.state != "failed" and row.robust_acc is not None and row.spend]
+
+    def dominated(row: StudyRow) -> bool:
+        return any(hours(other.spend) <= hours(row.spend) and other.robust_acc >= row.robust_acc
+                   and (hours(other.spend), other.robust_acc) != (hours(row.spend), row.robust_acc)
+                   for other in candidates)
+
+    return sorted((row for row in candidates if not dominated(row)), key=lambda row: hours(row.spend))
+
+
+def plot_cost_pareto(rows: Iterable[StudyRow], path: Path) -> Path:
+    """PGD robust accuracy (y) against device-hours (x: GPU-hours, or CPU-hours in a study that used no GPU),
+    the frontier of what each extra hour bought as a line, points labelled with their activation."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = list(rows)
+    points = [row for row in rows if row.state != "failed" and row.robust_acc is not None and row.spend]
+    on_gpus = any(row.spend.gpu_hours for row in points)
+    unit = "GPU-hours" if on_gpus else "CPU-hours"
+
+    def hours(spend: Spend) -> float:
+        return spend.gpu_hours if on_gpus else spend.cpu_hours
+
+    front = cost_front(points, hours)
+    figure = Figure(figsize=(7, 5), dpi=120)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.scatter([hours(row.spend) for row in points], [100 * row.robust_acc for row in points], s=60,
+                 alpha=0.7, edgecolors="black", linewidths=0.5)
+    for row in points:
+        axes.annotate(row.activation, (hours(row.spend), 100 * row.robust_acc), textcoords="offset points",
+                      xytext=(5, 5), fontsize=8)
+    if front:
+        axes.step([hours(row.spend) for row in front], [100 * row.robust_acc for row in front], "k--",
+                  where="post", linewidth=1, label="Pareto frontier")
+        axes.legend(loc="lower right")
+    axes.set_xlabel(f"{unit} per trial (start-up included)")
+    axes.set_ylabel("PGD robust accuracy (%)")
+    axes.set_title(f"Robust accuracy vs {unit}")
     axes.grid(True, alpha=0.3)
     figure.savefig(path, format="png")
     return path
@@ -282,8 +356,9 @@ def _repeats_seeds(groups: Sequence[SeedGroup]) -> bool:
 
 
 def write_reports(rows: Iterable[StudyRow], directory: Path) -> list[Path]:
-    """leaderboard.csv, leaderboard.md and pareto.png in `directory` (created if needed), and seeds.md (each
-    configuration's mean ± std) when trials repeat a configuration over seeds."""
+    """leaderboard.csv, leaderboard.md and pareto.png in `directory` (created if needed), pareto_cost.png when
+    the rows say what they spent, and seeds.md (each configuration's mean ± std) when trials repeat a
+    configuration over seeds."""
     rows = list(rows)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -291,6 +366,8 @@ def write_reports(rows: Iterable[StudyRow], directory: Path) -> list[Path]:
     markdown.write_text(leaderboard_markdown(rows))
     written = [write_leaderboard_csv(rows, directory / "leaderboard.csv"), markdown,
                plot_pareto(rows, directory / "pareto.png")]
+    if any(row.spend for row in rows):
+        written.append(plot_cost_pareto(rows, directory / "pareto_cost.png"))
     groups = seed_groups((row.params, {"clean_acc": row.clean_acc, "robust_acc": row.robust_acc})
                          for row in rows if row.state != "failed")
     if _repeats_seeds(groups):

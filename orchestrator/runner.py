@@ -34,6 +34,8 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from cluster import TRIAL_DRIVER_RESOURCE
 from orchestrator.console import ConsoleSettings
+from orchestrator.costs import Spend, total_spend, trial_spend
+from orchestrator.model_registry import model_tags
 from orchestrator.preflight import check_study_inputs, cluster_capacity, pending_conversions, save_study
 from orchestrator.reports import StudyRow, leaderboard, write_reports
 from orchestrator.tracking import MLflowStudyCallback, StudyTracker, is_permanent, study_rows, ui_url
@@ -115,7 +117,7 @@ def _scheduler(study: StudyConfig):
                          reduction_factor=asha.reduction_factor)
 
 
-def _searcher(study: StudyConfig, concurrent: int):
+def build_searcher(study: StudyConfig, concurrent: int):
     """The search algorithm, seeded from `tune.seed`: the same study samples the same configurations. Tune's
     own generator takes the concurrency limit itself (Tune ignores max_concurrent_trials beside one)."""
     if study.tune.searcher == "random":
@@ -142,7 +144,7 @@ def build_tuner(study: StudyConfig, storage_path: str, results_path: str, callba
     if resume:
         return tune.Tuner.restore(results_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
     concurrent = max_concurrent_trials(study, capacity)
-    searcher = _searcher(study, concurrent)
+    searcher = build_searcher(study, concurrent)
     return tune.Tuner(
         trainable,
         # Optuna asks its define-by-run space; the basic generator resolves Tune's param_space.
@@ -162,27 +164,30 @@ def _flops_per_image(model_json: str) -> float:
 
 
 def _study_functions(study: StudyConfig):
-    """Trial config -> MLflow params, and -> cost (FLOPs per image), as the tracker wants them."""
+    """Trial config -> MLflow params, -> cost (FLOPs per image), and (with its wall seconds) -> what it spent,
+    as the tracker wants them."""
     def params(config: dict) -> dict[str, Any]:
         return trial_params(study.trial_config(config))
 
     def cost(config: dict) -> float:
         return _flops_per_image(study.trial_config(config).model.model_dump_json())
 
-    return params, cost
+    def spend(config: dict, wall_s: float) -> Spend:
+        return trial_spend(study.trial_config(config), wall_s, study.cost)
+
+    return params, cost, spend
 
 
-def _best_model(rows: list[StudyRow], results, storage_path: str):
-    """The best finished trial's model, loaded from its last checkpoint (None if no trial finished)."""
+def _models_to_log(rows: list[StudyRow], results, storage_path: str, which: str
+                   ) -> list[tuple[StudyRow, TrainedTrial]]:
+    """The final models `tracking.models` asks for, best first: the best trial's, or every trial's that ended
+    without error and has accuracies (loaded from its last checkpoint); none when no trial got there."""
     ranked = [row for row in leaderboard(rows) if row.state != "failed" and row.robust_acc is not None]
-    if not ranked:
-        return None
-    best_metrics = next((result.metrics for result in results
-                         if (result.metrics or {}).get("trial_id") == ranked[0].trial_id), None)
-    checkpoint_path = (best_metrics or {}).get(CHECKPOINT_PATH_KEY)
-    if not checkpoint_path:
-        return None
-    return load_trial_model(checkpoint_path, storage_path).model
+    wanted = {"best": ranked[:1], "finished": ranked, "none": []}[which]
+    checkpoints = {(result.metrics or {}).get("trial_id"): (result.metrics or {}).get(CHECKPOINT_PATH_KEY)
+                   for result in results}
+    return [(row, load_trial_model(checkpoints[row.trial_id], storage_path)) for row in wanted
+            if checkpoints.get(row.trial_id)]
 
 
 @dataclass(frozen=True)
@@ -254,7 +259,7 @@ def run_study(study: StudyConfig, storage_path: str, tracking_uri: str, resume: 
     # Before anything is converted, tracked or stored.
     results_path = check_study_inputs(study, storage_path, resume, shared_storage)
     _keep_credentials_out_of_trial_runtime_envs()
-    params, cost = _study_functions(study)
+    params, cost, spend = _study_functions(study)
     callbacks, logs_dir = console.start(study, results_path, params) if console else ([], None)
     prepare_datasets(study)
     if not resume:
@@ -263,7 +268,8 @@ def run_study(study: StudyConfig, storage_path: str, tracking_uri: str, resume: 
     parent_run_id = tracker.start_study(study.name, results_path,
                                         params={"study": study.name, **_study_summary(study)},
                                         tags={"satscale.description": study.description}, resume=resume)
-    callback = MLflowStudyCallback(tracker, parent_run_id, params, cost, max_epochs=study.max_epochs())
+    callback = MLflowStudyCallback(tracker, parent_run_id, params, cost, max_epochs=study.max_epochs(),
+                                   trial_spend=spend)
     tuner = build_tuner(study, storage_path, results_path, [callback, *callbacks], resume,
                         verbose=console.tune_verbosity if console else None)
     try:
@@ -272,10 +278,10 @@ def run_study(study: StudyConfig, storage_path: str, tracking_uri: str, resume: 
             results = tuner.fit()
         if interrupted():
             raise StudyInterrupted(results_path)
-        rows = study_rows(results, params, cost, study.max_epochs())
+        rows = study_rows(results, params, cost, study.max_epochs(), spend)
         callback.flush()
         try:
-            best_model_uri = _log_study_end(tracker, parent_run_id, rows, results, storage_path)
+            best_model_uri = _log_study_end(tracker, parent_run_id, study, rows, results, storage_path)
         except Exception as error:
             if is_permanent(error):
                 raise
@@ -301,19 +307,28 @@ def _end_parent_after(tracker: StudyTracker, parent_run_id: str, error: BaseExce
         logger.warning("could not mark the study's parent run ended: %s", first_line(tracking_error))
 
 
-def _log_study_end(tracker: StudyTracker, parent_run_id: str, rows: list[StudyRow], results, storage_path: str
-                   ) -> str | None:
-    """Reports and the best model to the parent run, which then ends; returns the best model's URI."""
+def _log_study_end(tracker: StudyTracker, parent_run_id: str, study: StudyConfig, rows: list[StudyRow], results,
+                   storage_path: str) -> str | None:
+    """Reports and the final models to MLflow, then the parent run ends; returns the best model's URI (its
+    registered version). With `tracking.models: finished` every ended trial's model goes to its own run too."""
     with tempfile.TemporaryDirectory(prefix="satscale-reports-") as directory:
         write_reports(rows, Path(directory))
         tracker.log_reports(parent_run_id, Path(directory))
+    tracker.log_spend(parent_run_id, total_spend(row.spend for row in rows), prefix="total_")
     try:
-        model = _best_model(rows, results, storage_path)
+        models = _models_to_log(rows, results, storage_path, study.tracking.models)
     except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as error:  # every trial is recorded already
-        print(f"scale_study: warning: the best trial's last checkpoint could not be loaded ({first_line(error)}); "
-              "no best model is logged", file=sys.stderr, flush=True)
-        model = None
-    best_model_uri = tracker.log_best_model(parent_run_id, model) if model is not None else None
+        print(f"scale_study: warning: a trial's last checkpoint could not be loaded ({first_line(error)}); "
+              "no model is logged", file=sys.stderr, flush=True)
+        models = []
+    best_model_uri = None
+    for rank, (row, trained) in enumerate(models):
+        tags = model_tags(study.name, row, trained.trial)
+        if rank == 0:
+            best_model_uri = tracker.log_model(parent_run_id, trained.model, tags, name="best_model", register=True)
+        if study.tracking.models == "finished":
+            trial_run_id = tracker.trial_run(parent_run_id, row.trial_id, row.params, restart=False)
+            tracker.log_model(trial_run_id, trained.model, tags)
     tracker.finish_study(parent_run_id)
     return best_model_uri
 

@@ -15,13 +15,11 @@ import math
 import numbers
 import os
 import re
-import tempfile
 import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,8 +31,10 @@ from ray import cloudpickle
 from ray.tune import Callback, ResultGrid
 from ray.tune.experiment import Trial
 
+from orchestrator.costs import Spend
+from orchestrator.environment import environment_variables
+from orchestrator.model_registry import log_sat_model
 from orchestrator.reports import StudyRow, TrialState, trial_label
-from trainers.checkpoint import load_model, save_model
 from trainers.errors import REDACTED, ConfigError, first_line, mask_url_credentials
 from trainers.models import SATModel
 
@@ -162,20 +162,6 @@ def _quoted(value: str) -> str:
     return f"'{value}'"
 
 
-@contextmanager
-def _environment(values: Mapping[str, str]) -> Iterator[None]:
-    previous = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 _Method = TypeVar("_Method", bound=Callable[..., Any])
 
 
@@ -189,7 +175,7 @@ def _bounded_http(method: _Method) -> _Method:
     and its defaults (120 s timeout, 7 retries with exponential backoff) can hold the study for minutes."""
     @functools.wraps(method)
     def bounded(self: StudyTracker, *args: Any, **kwargs: Any) -> Any:
-        with _environment({**self.http_limits, **_NO_RUN_LINKS}):
+        with environment_variables({**self.http_limits, **_NO_RUN_LINKS}):
             return method(self, *args, **kwargs)
 
     return bounded  # type: ignore[return-value]
@@ -349,28 +335,25 @@ class StudyTracker:
         self._client.set_terminated(parent_run_id, status=STUDY_STATUS[state])
 
     @_bounded_http
+    def log_spend(self, run_id: str, spend: Spend, prefix: str = "") -> None:
+        """What a trial (or, with prefix `total_`, a study) spent, as metrics: wall_s, cpu_hours, gpu_hours,
+        cost_usd. Logged again when a resumed trial ends: the latest value is the total."""
+        values = {"wall_s": spend.wall_s, "cpu_hours": spend.cpu_hours, "gpu_hours": spend.gpu_hours,
+                  "cost_usd": spend.usd}
+        self._client.log_batch(run_id, metrics=[Metric(prefix + key, value, int(time.time() * 1000), 0)
+                                                for key, value in values.items()])
+
+    @_bounded_http
     def log_reports(self, parent_run_id: str, directory: Path, artifact_path: str = "reports") -> None:
         self._client.log_artifacts(parent_run_id, str(directory), artifact_path=artifact_path)
 
     @_bounded_http
-    def log_best_model(self, parent_run_id: str, model: SATModel, name: str = "best_model") -> str:
-        """Log `model` under the parent run as its description and weights (`trainers.checkpoint.save_model`),
-        not as MLflow's pickled pytorch flavour: loading a pickle runs whatever code it holds. Returns the URI
-        `load_best_model` takes."""
-        with tempfile.TemporaryDirectory() as scratch:
-            save_model(Path(scratch), model)
-            self._client.log_artifacts(parent_run_id, scratch, artifact_path=name)
-        return f"runs:/{parent_run_id}/{name}"
-
-
-def load_best_model(model_uri: str, tracking_uri: str) -> SATModel:
-    """The model `StudyTracker.log_best_model` logged (`runs:/RUN_ID/best_model`), rebuilt and loaded safely."""
-    import mlflow.artifacts
-
-    with tempfile.TemporaryDirectory() as scratch:
-        directory = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=scratch,
-                                                        tracking_uri=tracking_uri)
-        return load_model(Path(directory))
+    def log_model(self, run_id: str, model: SATModel, tags: Mapping[str, Any], *, name: str = "model",
+                  register: bool = False) -> str:
+        """`model` as an MLflow Model of run `run_id` (`orchestrator.model_registry`); with `register`, a new
+        version of the registered model named after the study. Returns the URI that loads it."""
+        return log_sat_model(self.tracking_uri, run_id, model, name=name, tags=tags,
+                             registered_model_name=self.experiment_name if register else None)
 
 
 def is_permanent(error: Exception) -> bool:
@@ -432,16 +415,29 @@ def _ended_state(last_result: Mapping[str, Any], params: Mapping[str, Any], max_
     return "stopped_early" if _epochs_done(last_result) < planned else "finished"
 
 
+SpendFunction = Callable[[dict, float], Spend]  # (trial config, wall seconds) -> what it spent
+
+
 def _study_row(trial_id: str, params: dict[str, Any], last_result: Mapping[str, Any], state: TrialState,
-               reason: str | None, cost_flops: float | None) -> StudyRow:
+               reason: str | None, cost_flops: float | None, spend: Spend | None = None) -> StudyRow:
     return StudyRow(trial_id=trial_id, params=params, state=state, clean_acc=last_result.get("clean_acc"),
                     robust_acc=last_result.get("robust_acc"), cost_flops=cost_flops,
                     epochs=_epochs_done(last_result), failure_reason=reason,
-                    eval_images=last_result.get("eval_images"))
+                    eval_images=last_result.get("eval_images"), spend=spend)
+
+
+def _trial_spend(trial_spend: SpendFunction | None, config: dict | None, last_result: Mapping[str, Any]
+                 ) -> Spend | None:
+    """What a trial spent by Tune's count of its running time (`time_total_s`, summed over the study's
+    sessions; `orchestrator.costs` says what it covers). None without a config."""
+    if trial_spend is None or not config:
+        return None
+    return trial_spend(config, float(last_result.get("time_total_s") or 0.0))
 
 
 def study_rows(results: ResultGrid, trial_params: Callable[[dict], dict[str, Any]],
-               trial_cost: Callable[[dict], float] | None, max_epochs: int) -> list[StudyRow]:
+               trial_cost: Callable[[dict], float] | None, max_epochs: int,
+               trial_spend: SpendFunction | None = None) -> list[StudyRow]:
     """The report rows of every trial in a study's results (`Tuner.fit()`), with redacted params. Use these
     after `Tuner.restore`: the callback in effect then is Tune's unpickled copy, not the driver's object. A
     trial Tune restored without its config (one that failed before it started) has no params or cost."""
@@ -454,7 +450,8 @@ def study_rows(results: ResultGrid, trial_params: Callable[[dict], dict[str, Any
         params = redact(trial_params(result.config)) if result.config else {}
         state = "failed" if result.error else _ended_state(last_result, params, max_epochs)
         cost = trial_cost(result.config) if trial_cost and result.config else None
-        rows.append(_study_row(trial_id, params, last_result, state, reason, cost))
+        rows.append(_study_row(trial_id, params, last_result, state, reason, cost,
+                               _trial_spend(trial_spend, result.config, last_result)))
     return rows
 
 
@@ -474,11 +471,13 @@ class MLflowStudyCallback(Callback):
 
     def __init__(self, tracker: StudyTracker, parent_run_id: str, trial_params: Callable[[dict], dict[str, Any]],
                  trial_cost: Callable[[dict], float] | None = None, *, max_epochs: int,
-                 metric_keys: tuple[str, ...] = EPOCH_METRICS, retry_interval_s: float = 30.0) -> None:
+                 trial_spend: SpendFunction | None = None, metric_keys: tuple[str, ...] = EPOCH_METRICS,
+                 retry_interval_s: float = 30.0) -> None:
         self._tracker = tracker
         self._parent_run_id = parent_run_id
         self._trial_params = trial_params
         self._trial_cost = trial_cost
+        self._trial_spend = trial_spend
         self._max_epochs = max_epochs
         self._metric_keys = metric_keys
         self._retry_interval_s = retry_interval_s
@@ -598,13 +597,17 @@ class MLflowStudyCallback(Callback):
     def _conclude(self, trial: Trial, failed: bool) -> None:
         state, reason = self._outcome(trial, failed)
         self._concluded.add(trial.trial_id)
+        spend = _trial_spend(self._trial_spend, trial.config, trial.last_result or {})
+        if spend is not None:
+            self._submit(f"spend of trial {trial.trial_id}", lambda: self._tracker.log_spend(self._run_id(trial), spend))
         self._submit(f"state {state!r} of trial {trial.trial_id}",
                      lambda: self._tracker.finish_trial(self._run_id(trial), state, reason))
 
     def _row(self, trial: Trial) -> StudyRow:
         state, reason = self._outcome(trial, trial.status == Trial.ERROR)
         return _study_row(trial.trial_id, self._params(trial), trial.last_result or {}, state, reason,
-                          self._trial_cost(trial.config) if self._trial_cost and trial.config else None)
+                          self._trial_cost(trial.config) if self._trial_cost and trial.config else None,
+                          _trial_spend(self._trial_spend, trial.config, trial.last_result or {}))
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self._started.add(trial.trial_id)

@@ -23,6 +23,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, create_model, field_validator,
                       model_validator)
 
+from cluster.pricing import NODE_PRICES_USD_PER_HOUR, aws_node_types
 from search_spaces.distributions import Distribution, Grid, parse_distribution
 from search_spaces.paths import set_path
 from trainers.activations import ACTIVATIONS, build_activation
@@ -229,6 +230,52 @@ class TuneSettings(BaseModel):
     seed: int = Field(0, ge=0, description="seed of the searcher's sampling (random and Optuna)")
 
 
+class CostSettings(BaseModel):
+    """How a study's spend is priced (`orchestrator.costs`): per node type, cluster/aws.yaml's by default."""
+
+    model_config = _STRICT
+
+    node_prices_usd_per_hour: dict[str, float] = Field(
+        default_factory=dict, description="USD per node-hour for any of cluster/aws.yaml's node types, over the "
+        "defaults in cluster/pricing.py")
+    node_type: str | None = Field(None, description="the node type whose price trials pay (default: gpu_1x for "
+                                  "GPU trials, gpu_8x for A100 ones, cpu for CPU trials)")
+
+    @field_validator("node_prices_usd_per_hour")
+    @classmethod
+    def _known_priced_types(cls, prices: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(prices) - set(NODE_PRICES_USD_PER_HOUR))
+        if unknown:
+            raise ValueError(f"unknown node type(s) {', '.join(unknown)}; accepted (cluster/aws.yaml): "
+                             f"{', '.join(sorted(NODE_PRICES_USD_PER_HOUR))}")
+        for name, price in prices.items():
+            if not (math.isfinite(price) and price >= 0):
+                raise ValueError(f"{name}: a price is a finite number of USD per hour >= 0, got {price}")
+        return prices
+
+    @field_validator("node_type")
+    @classmethod
+    def _known_node_type(cls, node_type: str | None) -> str | None:
+        if node_type is None:
+            return None
+        trial_nodes = [name for name, node in aws_node_types().items() if node.cpus or node.gpus]
+        return one_of(node_type, trial_nodes, "node type that runs trials (cluster/aws.yaml)")
+
+    def prices(self) -> dict[str, float]:
+        return {**NODE_PRICES_USD_PER_HOUR, **self.node_prices_usd_per_hour}
+
+
+class TrackingSettings(BaseModel):
+    """What a study leaves in MLflow besides its runs, metrics and reports."""
+
+    model_config = _STRICT
+
+    models: Literal["best", "finished", "none"] = Field(
+        "best", description="best: the best trial's final model as an MLflow Model under the study's parent run, "
+        "registered under the study's name (alias best); finished: also every trial that ended without error, its "
+        "final model under its own run; none: no model (large models, slow uploads)")
+
+
 @dataclass(frozen=True)
 class Conversion:
     """One `trainers.data.convert.convert(source, path, input_dir=..., split=..., limit=...)` call."""
@@ -304,6 +351,8 @@ class StudyConfig(BaseModel):
     base: dict[str, Any] = Field(description="a TrialConfig, partial where dataset and search fill it in")
     search: SearchSpace = SearchSpace()
     tune: TuneSettings = TuneSettings()
+    tracking: TrackingSettings = TrackingSettings()
+    cost: CostSettings = CostSettings()
     dataset: DatasetSpec | None = None
 
     @model_validator(mode="after")

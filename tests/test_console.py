@@ -10,6 +10,7 @@ from pathlib import Path
 from ray.tune.experiment import Trial
 
 from orchestrator.console import StudyConsole, clock, final_screen, findings, progress_line
+from orchestrator.costs import Spend
 from orchestrator.reports import StudyRow
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,7 +77,8 @@ def test_on_a_terminal_the_progress_line_stays_at_the_bottom_and_failures_are_lo
 def rows() -> list[StudyRow]:
     def row(trial_id, activation, clean, robust, state="finished"):
         return StudyRow(trial_id, {"activation": activation, "arch": "resnet18", "width_mult": 0.25, "seed": 0},
-                        state, clean, robust, 1e6, 3, "DivergenceError: nan" if state == "failed" else None, 400)
+                        state, clean, robust, 1e6, 3, "DivergenceError: nan" if state == "failed" else None, 400,
+                        Spend(36.0, 0.01, 0.0, 0.0005))
 
     return [row("a", "relu", 0.80, 0.50), row("b", "silu", 0.82, 0.55), row("c", "gelu", None, None, "failed")]
 
@@ -95,7 +97,8 @@ def test_final_screen_says_where_to_look_next():
     url = "http://127.0.0.1:5000/#/experiments/3/runs?workflowType=machine_learning"
     screen = final_screen("demo", rows(), "PGD-10", "abc123", "sqlite:////tmp/x/mlflow.db", url, "/tmp/x/runs/demo",
                           "models:/demo/1", Path("/tmp/x/runs/demo/logs"), "--set train.epochs=3")
-    assert "| 1 | silu | resnet18, ?, 0.25, ? | 82.0 (77.9-85.5) | 55.0 (50.1-59.8) |  |" in screen
+    assert "| 1 | silu | resnet18, ?, 0.25, ? | 82.0 (77.9-85.5) | 55.0 (50.1-59.8) | 0.01 CPU-h |  |" in screen
+    assert "Spent: 0.03 CPU-hours, 0 GPU-hours, est. $0.0015" in screen  # the failed trial's time counts too
     assert f"mlflow ui --backend-store-uri sqlite:////tmp/x/mlflow.db, then open {url}" in screen
     assert "python orchestrator/evaluate_study.py --set train.epochs=3" in screen
     assert "/tmp/x/runs/demo/logs" in screen and "models:/demo/1" in screen

@@ -175,11 +175,10 @@ def test_mlflow_unreachable_mid_study_delays_metrics_but_loses_none(ray_cluster,
     keeps running) once the trial has started, and is reachable again after its first epoch: training goes on
     meanwhile, and every epoch reaches the trial's run exactly once."""
     proxy, tracking_uri = mlflow_outage
-    # Enough epochs that the trial ends after the outage. When its last report arrived while the driver was
-    # blocked in its first failing MLflow call (epochs here take ~1.5 s), the trial hung in Ray's Tune/Train
-    # result hand-off (FunctionTrainable main thread in result_queue.put, seen 3 times in 8 runs; see
-    # docs/reliability.md, known problems): a Ray race this test is not about.
-    epochs = 4
+    # Two epochs of ~1.5 s: the trial's last report can arrive while the driver's MLflow calls are failing. The
+    # callback sends them from its own thread, so Tune's result hand-off never waits on MLflow (before it did,
+    # this hung the trial 3 times in 8 runs; docs/reliability.md).
+    epochs = 2
     study = StudyConfig.parse(study_values("mlflow-outage", small_digits, epochs, workers={"num_workers": 1}))
     storage = tmp_path / "storage"
     outage: dict[str, float] = {}

@@ -13,6 +13,7 @@ import pytest
 from ray import tune
 from ray.tune.search.variant_generator import generate_variants
 
+from orchestrator.runner import build_searcher
 from search_spaces.study import load_study, preset_names
 from search_spaces.space import (OptunaSpace, activation_labels, count_trials, describe_space, param_space,
                                  trial_params)
@@ -216,9 +217,31 @@ def test_optuna_define_by_run_asks_only_the_drawn_activations_params():
     assert softplus.model.activation_params == {"beta": 20} and softplus.train.optimizer.lr == 0.2
 
 
+def searcher_samples(study, count: int = 6) -> list[dict]:
+    """The first configurations the study's searcher hands Tune, without running them."""
+    searcher = build_searcher(study, concurrent=count)
+    if study.tune.searcher == "optuna":
+        searcher.set_search_properties(study.tune.metric, study.tune.mode, {})
+        return [searcher.suggest(f"probe_{index}") for index in range(count)]
+    searcher.add_configurations({"probe": {"run": lambda config: None, "config": param_space(study),
+                                           "num_samples": study.tune.num_samples}})
+    return [trial.config for trial in iter(searcher.next_trial, None)][:count]
+
+
+@pytest.mark.parametrize("searcher", [[], ["search.activation_sampling=choice", "tune.searcher=optuna"]],
+                         ids=["random", "optuna"])
+def test_tune_seed_seeds_every_searcher(searcher):
+    overrides = [*searcher, "search.optimizer.lr={uniform: [0.05, 0.2]}", "tune.num_samples=2"]
+    study, reseeded = load_study("default", overrides), load_study("default", [*overrides, "tune.seed=1"])
+    first = searcher_samples(study)
+    assert len(first) == 6 and len({sample["optimizer.lr"] for sample in first}) == 6
+    assert searcher_samples(study) == first  # the same study samples the same configurations
+    assert searcher_samples(reseeded) != first
+
+
 BAD_STUDIES = [
     # (overrides on the default preset, substrings the error must contain)
-    (["bogus=1"], ["bogus: unknown key", "accepted: base, dataset, description, name, search, tune"]),
+    (["bogus=1"], ["bogus: unknown key", "accepted: base, cost, dataset, description, name, search, tracking, tune"]),
     (["search.scaling.phii=1"], ["search.scaling.phii: unknown key", "phi", "width_mult"]),
     (["train.model.widthmult=1"], ["base.train.model: unknown key"]),
     (["model.widthmult=1"], ["base.model.widthmult: unknown key", "width_mult"]),

@@ -22,7 +22,8 @@ SCRIPT = ROOT / "orchestrator" / "scale_study.py"
 EPS = 0.1
 
 
-def write_study(path: Path, betons, name: str, activations: list, **tune_settings) -> Path:
+def write_study(path: Path, betons, name: str, activations: list, search: dict | None = None,
+                **tune_settings) -> Path:
     study = {
         "name": name,
         "base": {
@@ -37,7 +38,7 @@ def write_study(path: Path, betons, name: str, activations: list, **tune_setting
             "global_batch_size": 128,
             "reference_batch_size": 128,
         },
-        "search": {"activations": activations},
+        "search": {"activations": activations, **(search or {})},
         "tune": {"scheduler": "fifo", **tune_settings},
     }
     path.write_text(yaml.safe_dump(study))
@@ -108,7 +109,12 @@ def test_study_submitted_as_a_ray_job_is_tracked_in_mlflow(ray_cluster, mlflow_s
     leaderboard = Path(client.download_artifacts(parent.info.run_id, "reports/leaderboard.md",
                                                  str(tmp_path))).read_text()
     assert "relu" in leaderboard and "silu" in leaderboard and "failed" in leaderboard
-    assert any(item.path == "best_model" for item in client.list_artifacts(parent.info.run_id))
+    # The best trial's model: registered under the study's name, from the parent run, tagged with what it is.
+    best = client.get_model_version_by_alias("job-study", "best")
+    assert best.run_id == parent.info.run_id and best.tags["activation"] in {"relu", "silu"}
+    assert best.tags["attack"].startswith("PGD-3 linf") and float(best.tags["robust_acc"]) <= float(
+        best.tags["clean_acc"])
+    assert parent.data.metrics["total_cpu_hours"] > 0  # what the study spent, the failed trial included
 
     # The strong evaluation afterwards: every finished trial's last checkpoint under PGD with restarts, AutoAttack
     # on the best configuration and on ReLU's, numbers on the child runs and reports on the parent run.
@@ -176,12 +182,29 @@ def _trained_an_epoch(client, children) -> list:
     return [run for run in children if metric_steps(client, run, "robust_acc")]
 
 
-def test_a_study_interrupted_then_killed_resumes_each_time_and_loses_and_repeats_nothing(
+def optuna_suggestions(study_path: Path, count: int) -> list[tuple[str, float]]:
+    """The first `count` (activation, lr) pairs the study's seeded Optuna searcher suggests, uninterrupted."""
+    from orchestrator.runner import build_searcher
+    from search_spaces.study import load_study
+
+    study = load_study(str(study_path))
+    searcher = build_searcher(study, 1)
+    searcher.set_search_properties(study.tune.metric, study.tune.mode, {})
+    configs = [searcher.suggest(f"probe_{index}") for index in range(count)]
+    return [(config["activation"]["name"], config["optimizer.lr"]) for config in configs]
+
+
+def test_an_optuna_study_interrupted_then_killed_resumes_each_time_and_loses_and_repeats_nothing(
         ray_cluster, mlflow_server, digits_betons, tmp_path):
-    """A fault mix on the driver: Ctrl-C mid-trial (exit 130, MLflow says interrupted), --resume, SIGKILL after a
-    trial finished (no chance to say anything), --resume to the end. One trial at a time."""
+    """A fault mix on the driver of an Optuna study: Ctrl-C mid-trial (exit 130, MLflow says interrupted),
+    --resume, SIGKILL after a trial finished (no chance to say anything), --resume to the end. One trial at a
+    time; the searcher's state comes back with each resume, so the trials are the ones the seeded searcher
+    suggests uninterrupted (a searcher started afresh would suggest its first configuration again)."""
     study = write_study(tmp_path / "study.yaml", digits_betons, "resume-study", ["relu", "silu"],
-                        max_concurrent_trials=1)
+                        search={"activation_sampling": "choice", "optimizer": {"lr": {"uniform": [0.05, 0.2]}}},
+                        searcher="optuna", num_samples=2, max_concurrent_trials=1)
+    expected = optuna_suggestions(study, 2)
+    assert expected[0] != expected[1]
     command = [sys.executable, str(SCRIPT), "--config", str(study), "--storage", str(tmp_path / "storage"),
                "--mlflow-uri", mlflow_server]
     environment = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
@@ -224,7 +247,8 @@ def test_a_study_interrupted_then_killed_resumes_each_time_and_loses_and_repeats
     client, parents, children = study_runs(mlflow_server, "resume-study")
     assert [run.info.run_id for run in parents] == [parent.info.run_id]  # reused each time
     assert (parents[0].info.status, parents[0].data.tags["satscale.study_state"]) == ("FINISHED", "finished")
-    assert sorted(run.data.params["activation"] for run in children) == ["relu", "silu"]  # none lost
+    assert sorted((run.data.params["activation"], float(run.data.params["lr"])) for run in children) == sorted(
+        expected)  # none lost, none repeated, each as the searcher suggested it
     for run in children:
         assert (run.info.status, run.data.tags["satscale.trial_state"]) == ("FINISHED", "finished")
         assert metric_steps(client, run, "robust_acc") == [0, 1]  # no epoch logged twice

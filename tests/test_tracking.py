@@ -3,6 +3,7 @@ and a real local Ray Tune run; reports; resume idempotency; an unreachable serve
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import math
 import re
@@ -22,12 +23,12 @@ from mlflow import MlflowClient
 from ray import cloudpickle
 
 from orchestrator.console import StudyConsole
-from orchestrator.reports import (StudyRow, leaderboard, leaderboard_markdown, pareto_front, seed_groups,
+from orchestrator.costs import Spend
+from orchestrator.reports import (StudyRow, cost_front, leaderboard, leaderboard_markdown, pareto_front, seed_groups,
                                   seed_groups_markdown, write_leaderboard_csv, write_reports)
-from orchestrator.tracking import (REDACTED, MLflowStudyCallback, StudyTracker, load_best_model, redact,
+from orchestrator.tracking import (REDACTED, MLflowStudyCallback, StudyTracker, redact,
                                    resolve_tracking_uri, scrub, study_rows, trial_failure_reason)
 from tests.fixtures.network import free_loopback_port
-from trainers.models import build_model
 
 STUDY_PARAMS = ("activation", "arch", "depth_mult", "width_mult", "resolution", "train_attack_steps", "train_eps",
                 "train_step_size")
@@ -65,6 +66,11 @@ def stop_weak_trials(trial_id: str, result: dict) -> bool:
 
 def trial_cost(config: dict) -> float:
     return 1.8e9 * config["width_mult"] ** 2 * config["depth_mult"]
+
+
+def half_cpu_spend(config: dict, wall_s: float) -> Spend:
+    """The trial_spend hook of a trial on half a CPU at $0.40 per CPU-hour."""
+    return Spend(wall_s, 0.5 * wall_s / 3600, 0.0, 0.2 * wall_s / 3600)
 
 
 def all_params(config: dict) -> dict[str, Any]:
@@ -140,7 +146,8 @@ def test_tune_study_has_parent_and_child_runs_with_params_metrics_and_states(
 
     parent = tracker.start_study("study-a", "/studies/study-a", params={"max_epochs": MAX_EPOCHS, "aws_secret_access_key": FAKE_SECRET},
                                  tags={"satscale.search": "grid", "launched_with": f"token {FAKE_TOKEN}"})
-    callback = MLflowStudyCallback(tracker, parent, all_params, trial_cost, max_epochs=MAX_EPOCHS)
+    callback = MLflowStudyCallback(tracker, parent, all_params, trial_cost, max_epochs=MAX_EPOCHS,
+                                   trial_spend=half_cpu_spend)
     console_output = io.StringIO()  # not a terminal: plain lines, as under `ray job submit`
     console = StudyConsole("study-a", all_params, len(ACTIVATION_QUALITY), MAX_EPOCHS, "PGD-10", console_output)
     space = {**study_config(), "activation": tune.grid_search(list(ACTIVATION_QUALITY)),
@@ -153,6 +160,7 @@ def test_tune_study_has_parent_and_child_runs_with_params_metrics_and_states(
                                                  callbacks=[callback, console], stop=stop_weak_trials, verbose=0))
     results = tuner.fit()
     trial_ids = {result.metrics["trial_id"]: result.config["activation"] for result in results}
+    running_s = {result.config["activation"]: result.metrics["time_total_s"] for result in results}
     tracker.finish_study(parent)
 
     client = tracker.client
@@ -187,6 +195,11 @@ def test_tune_study_has_parent_and_child_runs_with_params_metrics_and_states(
             [synthetic_metrics(study_config(activation), epoch)["clean_acc"] for epoch in epochs])
         assert steps(client, run.info.run_id, "train_robust_acc") == epochs[1:]  # NaN at epoch 0 left out
         assert "global_batch_size" not in run.data.metrics
+        # What it spent, by Tune's count of its running time: failed and stopped trials too.
+        assert run.data.metrics["wall_s"] == pytest.approx(running_s[activation]) and running_s[activation] > 0
+        assert run.data.metrics["cpu_hours"] == pytest.approx(0.5 * running_s[activation] / 3600)
+        assert run.data.metrics["cost_usd"] == pytest.approx(0.2 * running_s[activation] / 3600)
+        assert run.data.metrics["gpu_hours"] == 0
     reason = by_activation["broken"].data.tags["satscale.failure_reason"]
     assert reason == "ValueError: synthetic divergence in 'broken'"
     assert "satscale.failure_reason" not in by_activation["silu"].data.tags
@@ -197,9 +210,11 @@ def test_tune_study_has_parent_and_child_runs_with_params_metrics_and_states(
     assert rows["silu"].epochs == 3 and rows["relu"].epochs == 1
     assert rows["silu"].clean_acc == pytest.approx(0.8)
     assert rows["silu"].cost_flops == pytest.approx(trial_cost(study_config()))
+    assert rows["broken"].spend == half_cpu_spend({}, running_s["broken"])
     assert rows["broken"].failure_reason == reason
     assert rows["silu"].params["aws_secret_access_key"] == REDACTED
-    assert sorted(study_rows(results, all_params, trial_cost, MAX_EPOCHS), key=lambda row: row.trial_id) == sorted(
+    assert sorted(study_rows(results, all_params, trial_cost, MAX_EPOCHS, half_cpu_spend),
+                  key=lambda row: row.trial_id) == sorted(
         callback.rows, key=lambda row: row.trial_id)
     assert callback.unlogged == []
     assert_no_secrets(client, experiment)
@@ -335,12 +350,14 @@ def test_a_best_checkpoint_that_cannot_be_loaded_leaves_the_study_finished_with_
     from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
     from orchestrator.runner import _log_study_end
+    from search_spaces.study import TrackingSettings
 
     parent = tracker.start_study("study-lost-checkpoint", "/studies/study-lost-checkpoint")
     rows = [StudyRow("t_00000", study_config(), "finished", 0.8, 0.4, 1e9, 3)]
     results = [SimpleNamespace(metrics={"trial_id": "t_00000", CHECKPOINT_PATH_KEY: str(tmp_path / "deleted")})]
-    assert _log_study_end(tracker, parent, rows, results, str(tmp_path)) is None
-    assert "the best trial's last checkpoint could not be loaded" in capsys.readouterr().err
+    study = SimpleNamespace(name="study-lost-checkpoint", tracking=TrackingSettings())
+    assert _log_study_end(tracker, parent, study, rows, results, str(tmp_path)) is None
+    assert "a trial's last checkpoint could not be loaded" in capsys.readouterr().err
     run = tracker.client.get_run(parent)
     assert run.info.status == "FINISHED"
     assert {item.path for item in tracker.client.list_artifacts(parent, "reports")}  # the reports are logged
@@ -370,10 +387,33 @@ def test_leaderboard_orders_by_robust_accuracy_with_failed_trials_last(tmp_path:
 
     table = leaderboard_markdown(rows).splitlines()
     assert table[0] == ("| Rank | Activation | Scale (arch, depth, width, res) | Clean acc (%) | PGD robust acc (%) "
-                        "| Notes |")
-    assert table[2] == "| 1 | silu | resnet18, 0.5, 1.0, 32 | 68.0 | 38.0 |  |"
-    assert table[6] == "| 5 | elu | resnet18, 0.5, 1.0, 32 | 60.0 | 10.0 | stopped early after 1 epoch(s) |"
-    assert table[7] == "| 6 | relu | resnet18, 0.5, 1.0, 32 | 95.0 | 90.0 | failed: ValueError: diverged |"
+                        "| Device-hours | Notes |")
+    assert table[2] == "| 1 | silu | resnet18, 0.5, 1.0, 32 | 68.0 | 38.0 | – |  |"
+    assert table[6] == "| 5 | elu | resnet18, 0.5, 1.0, 32 | 60.0 | 10.0 | – | stopped early after 1 epoch(s) |"
+    assert table[7] == "| 6 | relu | resnet18, 0.5, 1.0, 32 | 95.0 | 90.0 | – | failed: ValueError: diverged |"
+    assert len(table) == 8  # no spend recorded: no total line
+
+
+def test_reports_say_what_each_trial_and_the_study_spent(tmp_path: Path):
+    def spent(row: StudyRow, gpu_hours: float, usd: float) -> StudyRow:
+        return dataclasses.replace(row, spend=Spend(3600 * gpu_hours, 8 * gpu_hours, gpu_hours, usd))
+
+    t0, t1, t2, t3, t4, t5 = hand_made_rows()
+    rows = [spent(t0, 2.0, 2.4), spent(t1, 1.0, 1.2), spent(t2, 4.0, 4.8), spent(t3, 0.5, 0.6), t4,
+            spent(t5, 0.25, 0.3)]
+    csv_lines = write_leaderboard_csv(rows, tmp_path / "board.csv").read_text().splitlines()
+    assert csv_lines[0].split(",")[9:13] == ["wall_s", "cpu_hours", "gpu_hours", "cost_usd"]
+    assert csv_lines[1].split(",")[9:13] == ["14400.0", "32.0", "4.0", "4.8"]  # t2 ranks first
+    table = leaderboard_markdown(rows).splitlines()
+    assert table[2] == "| 1 | silu | resnet18, 0.5, 1.0, 32 | 68.0 | 38.0 | 4 GPU-h |  |"
+    assert table[-1] == ("Spent: 62 CPU-hours, 7.75 GPU-hours, est. $9.3 (wall time x the trials' workers' "
+                         "resources; dollars at the cost block's node prices).")
+    # The frontier of robust accuracy against GPU-hours: t0 (2 h, 30 %) is beaten by t1 (1 h, 35 %); the
+    # failed trial takes no part.
+    assert [row.trial_id for row in cost_front(rows, lambda spend: spend.gpu_hours)] == ["t3", "t1", "t2"]
+    written = write_reports(rows, tmp_path / "reports")
+    assert tmp_path / "reports" / "pareto_cost.png" in written
+    assert (tmp_path / "reports" / "pareto_cost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_seed_groups_average_each_configuration_over_its_seeds(tmp_path: Path):
@@ -438,30 +478,7 @@ def test_reports_are_logged_on_the_parent_run_and_stored_in_s3(tracker: StudyTra
         assert any(key.endswith(f"/{parent}/artifacts/reports/{name}") for key in keys), (name, keys)
 
 
-# --- (d) the best trial's model ------------------------------------------------------------------------------------
-def test_best_model_is_logged_in_a_safe_format_and_loads_back(tracker: StudyTracker, mlflow_server: str,
-                                                               mlflow_artifact_bucket: str):
-    import boto3
-
-    torch.manual_seed(0)
-    model = build_model("resnet18", 10, activation="softplus", activation_params={"beta": 10.0}, width_mult=0.125,
-                        depth_mult=0.25, resolution=16).eval()
-    parent = tracker.start_study("study-f", "/studies/study-f")
-    model_uri = tracker.log_best_model(parent, model, "best_model")
-    assert model_uri == f"runs:/{parent}/best_model"
-
-    loaded = load_best_model(model_uri, mlflow_server)
-    assert loaded.spec == model.spec
-    images = torch.rand(5, 3, 16, 16)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(images), model(images))
-    stored = boto3.session.Session().client("s3").list_objects_v2(Bucket=mlflow_artifact_bucket,
-                                                                 Prefix="mlartifacts/")
-    keys = {entry["Key"].rsplit(f"/{parent}/artifacts/", 1)[-1] for entry in stored["Contents"]}
-    assert {"best_model/model.json", "best_model/weights.pt"} <= keys
-
-
-# --- (e) an unreachable or hanging server never blocks or crashes the study --------------------------------------
+# --- (d) an unreachable or hanging server never blocks or crashes the study --------------------------------------
 def test_unreachable_server_queues_calls_returns_promptly_and_warns():
     dead_uri = f"http://127.0.0.1:{free_loopback_port()}"
     tracker = StudyTracker(dead_uri, "unreachable", request_timeout_s=1, max_retries=1)
@@ -571,7 +588,7 @@ def test_queued_calls_reach_the_server_once_it_is_back(mlflow_server: str, mlflo
         proxy.server_close()
 
 
-# --- (f) no credential reaches MLflow -----------------------------------------------------------------------------
+# --- (e) no credential reaches MLflow -----------------------------------------------------------------------------
 def test_redact_masks_credentials_by_name_by_shape_and_by_environment_value(planted_env_token):
     redacted = redact({"AWS_SECRET_ACCESS_KEY": FAKE_SECRET, "aws_access_key_id": FAKE_KEY_ID, "db_password": "pw",
                        "hf_token": "x", "owner": f"key {FAKE_KEY_ID}", "uri": f"s3://me:{FAKE_SECRET}@bucket/x",

@@ -1,0 +1,131 @@
+"""A study's model as an MLflow Model against the session's real `mlflow server` (SQLite registry, artifacts on
+the loopback S3 server): logged without pickles, registered with its tags, loaded by `mlflow.pyfunc` and served
+by a real `mlflow models serve` over HTTP."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from orchestrator.model_registry import BEST_ALIAS, LOADER_MODULE, load_best_model
+from orchestrator.tracking import StudyTracker
+from tests.fixtures.network import free_loopback_port
+from trainers.models import build_model
+
+RESOLUTION = 16
+TAGS = {"activation": "softplus", "clean_acc": "0.9100", "robust_acc": "0.4200",
+        "attack": "PGD-10 linf eps=0.03137 step_size=0.007843 restarts=1"}
+
+
+@pytest.fixture
+def registered(mlflow_server: str, mlflow_experiment: str):
+    """A small Softplus ResNet logged under a study's parent run as its best model, and its URI."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10, activation="softplus", activation_params={"beta": 10.0}, width_mult=0.125,
+                        depth_mult=0.25, resolution=RESOLUTION).eval()
+    tracker = StudyTracker(mlflow_server, mlflow_experiment)
+    parent = tracker.start_study(mlflow_experiment, f"/studies/{mlflow_experiment}")
+    model_uri = tracker.log_model(parent, model, TAGS, name="best_model", register=True)
+    return model, model_uri, parent, mlflow_experiment
+
+
+def logits(model, images: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(images)).numpy()
+
+
+def test_the_best_model_is_a_registered_mlflow_model_loaded_without_pickles(registered, mlflow_server,
+                                                                            monkeypatch):
+    import mlflow.pyfunc
+
+    model, model_uri, parent, name = registered
+    assert model_uri == f"models:/{name}/1"
+    client = MlflowClient(mlflow_server)
+    version = client.get_model_version(name, "1")
+    assert version.run_id == parent and TAGS.items() <= version.tags.items()
+    assert client.get_model_version_by_alias(name, BEST_ALIAS).version == "1"
+
+    # What a user does: the tracking URI in the environment, the registry's name, numpy images in [0, 1].
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    loaded = mlflow.pyfunc.load_model(f"models:/{name}/latest")
+    signature = loaded.metadata.signature
+    assert signature.inputs.inputs[0].shape == (-1, 3, RESOLUTION, RESOLUTION)
+    assert signature.outputs.inputs[0].shape == (-1, 10)
+    assert str(signature.inputs.inputs[0].type) == "float32"
+    assert loaded.metadata.flavors["python_function"]["loader_module"] == LOADER_MODULE
+    images = np.random.default_rng(0).random((5, 3, RESOLUTION, RESOLUTION), dtype=np.float32)
+    predicted = loaded.predict(images)
+    assert predicted.shape == (5, 10) and predicted.dtype == np.float32
+    np.testing.assert_allclose(predicted, logits(model, images), rtol=1e-5, atol=1e-5)
+    with pytest.raises(Exception, match=r"pixel values must lie in \[0, 1\].*255"):
+        loaded.predict(images * 255)
+
+    # The stored model: a description and tensor-only weights, no pickled object; the input example beside.
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/1"))
+    files = {path.relative_to(local).as_posix() for path in local.rglob("*") if path.is_file()}
+    assert {"MLmodel", "data/sat_model/model.json", "data/sat_model/weights.pt", "input_example.json",
+            "requirements.txt"} <= files
+    assert not [path for path in files if path.endswith((".pkl", ".pickle", ".cloudpickle"))], files
+    torch.load(local / "data/sat_model/weights.pt", weights_only=True)  # tensors only: the safe unpickler reads it
+
+    # The SATModel itself, for attacks and further training.
+    again = load_best_model(f"models:/{name}@{BEST_ALIAS}", mlflow_server)
+    assert again.spec == model.spec
+    np.testing.assert_allclose(logits(again, images), logits(model, images), rtol=1e-5, atol=1e-5)
+
+
+def wait_until_serving(server: subprocess.Popen, port: int, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise AssertionError(f"mlflow models serve exited ({server.returncode}): {server.stdout.read()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as ping:
+                if ping.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"the scoring server did not answer /ping within {timeout_s} s")
+
+
+def test_mlflow_models_serve_answers_with_the_models_logits(registered, mlflow_server):
+    model, _, _, name = registered
+    port = free_loopback_port()
+    command = ["mlflow", "models", "serve", "-m", f"models:/{name}@best", "--env-manager", "local", "--host",
+               "127.0.0.1", "--port", str(port), "--workers", "1"]
+    # As in an activated environment: the CLI starts the environment's uvicorn by name.
+    environment = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server,
+                   "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    server = subprocess.Popen(command, env=environment,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    images = np.random.default_rng(1).random((3, 3, RESOLUTION, RESOLUTION), dtype=np.float32)
+    try:
+        wait_until_serving(server, port)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                         data=json.dumps({"inputs": images.tolist()}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            answer = json.loads(response.read())
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the CLI and the web server it started
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+    np.testing.assert_allclose(np.asarray(answer["predictions"], dtype=np.float32), logits(model, images),
+                               rtol=1e-4, atol=1e-4)
