@@ -1,10 +1,11 @@
 """What a trial spends: the devices it holds times how long it ran, and an estimate in dollars.
 
-Device-hours are the trial's Ray Train workers' resources (CPUs; GPUs when `workers.use_gpu`) times its wall time,
-Tune's `time_total_s`: the trial's running time summed over every session of the study, its Train run's start-up
-included (Train controller, workers, data loaders, first batch); not included are the few seconds before that,
-while Ray starts the trial's own actor. Dollars: the share of a node the trial holds (the larger of its CPU and
-GPU shares of the node type's resources in cluster/aws.yaml) times that node type's price per hour
+Device-hours are the trial's Ray Train workers' resources (CPUs; GPUs when `workers.use_gpu`) times its wall time:
+its running time as Tune counts it (`time_total_s`), added up over every run of the trial (Tune counts from 0
+again when it restarts one at --resume or after a failure; `MLflowStudyCallback.trial_seconds`), its Train run's
+start-up included (Train controller, workers, data loaders, first batch); not included are the few seconds
+before that, while Ray starts the trial's own actor. Dollars: the share of a node the trial holds (the larger of
+its CPU and GPU shares of the node type's resources in cluster/aws.yaml) times that node type's price per hour
 (`cluster.pricing`, overridable in the study file's `cost` block), times the hours.
 """
 from __future__ import annotations

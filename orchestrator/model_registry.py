@@ -94,7 +94,8 @@ def log_sat_model(tracking_uri: str, run_id: str, model: SATModel, *, name: str 
     with tempfile.TemporaryDirectory(prefix="satscale-model-") as scratch, _fluent_mlflow_at(tracking_uri):
         data_path = Path(scratch) / "sat_model"
         save_model(data_path, model)
-        info = Model.log(artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id, loader_module=LOADER_MODULE,
+        info = Model.log(artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id,
+                         loader_module=LOADER_MODULE,
                          data_path=str(data_path), signature=model_signature(model.spec),
                          input_example=input_example(model.spec), pip_requirements=_pinned_requirements(),
                          tags=tags)

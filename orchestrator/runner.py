@@ -278,7 +278,8 @@ def run_study(study: StudyConfig, storage_path: str, tracking_uri: str, resume: 
             results = tuner.fit()
         if interrupted():
             raise StudyInterrupted(results_path)
-        rows = study_rows(results, params, cost, study.max_epochs(), spend)
+        in_effect = (MLflowStudyCallback.restored(parent_run_id) if resume else None) or callback
+        rows = study_rows(results, params, cost, study.max_epochs(), spend, in_effect.trial_seconds)
         callback.flush()
         try:
             best_model_uri = _log_study_end(tracker, parent_run_id, study, rows, results, storage_path)

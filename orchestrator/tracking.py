@@ -426,21 +426,30 @@ def _study_row(trial_id: str, params: dict[str, Any], last_result: Mapping[str, 
                     eval_images=last_result.get("eval_images"), spend=spend)
 
 
-def _trial_spend(trial_spend: SpendFunction | None, config: dict | None, last_result: Mapping[str, Any]
-                 ) -> Spend | None:
-    """What a trial spent by Tune's count of its running time (`time_total_s`, summed over the study's
-    sessions; `orchestrator.costs` says what it covers). None without a config."""
+TrialSeconds = Callable[[str, Mapping[str, Any]], float]  # (trial id, its last result) -> its running seconds
+
+
+def _this_run_seconds(trial_id: str, last_result: Mapping[str, Any]) -> float:
+    return float(last_result.get("time_total_s") or 0.0)
+
+
+def _trial_spend(trial_spend: SpendFunction | None, config: dict | None, seconds: float) -> Spend | None:
+    """What a trial spent in `seconds` of running time (`orchestrator.costs` says what it covers). None without
+    a config."""
     if trial_spend is None or not config:
         return None
-    return trial_spend(config, float(last_result.get("time_total_s") or 0.0))
+    return trial_spend(config, seconds)
 
 
 def study_rows(results: ResultGrid, trial_params: Callable[[dict], dict[str, Any]],
                trial_cost: Callable[[dict], float] | None, max_epochs: int,
-               trial_spend: SpendFunction | None = None) -> list[StudyRow]:
+               trial_spend: SpendFunction | None = None, trial_seconds: TrialSeconds = _this_run_seconds
+               ) -> list[StudyRow]:
     """The report rows of every trial in a study's results (`Tuner.fit()`), with redacted params. Use these
     after `Tuner.restore`: the callback in effect then is Tune's unpickled copy, not the driver's object. A
-    trial Tune restored without its config (one that failed before it started) has no params or cost."""
+    trial Tune restored without its config (one that failed before it started) has no params or cost.
+    `trial_seconds`: a trial's running time (the callback's `trial_seconds` counts every run of a resumed trial;
+    the default, Tune's `time_total_s`, only its last)."""
     rows = []
     for result in results:
         last_result = result.metrics or {}
@@ -451,8 +460,12 @@ def study_rows(results: ResultGrid, trial_params: Callable[[dict], dict[str, Any
         state = "failed" if result.error else _ended_state(last_result, params, max_epochs)
         cost = trial_cost(result.config) if trial_cost and result.config else None
         rows.append(_study_row(trial_id, params, last_result, state, reason, cost,
-                               _trial_spend(trial_spend, result.config, last_result)))
+                               _trial_spend(trial_spend, result.config, trial_seconds(trial_id, last_result))))
     return rows
+
+
+# The callbacks `Tuner.restore` unpickled in this process, by parent run (MLflowStudyCallback.restored).
+_RESTORED: dict[str, MLflowStudyCallback] = {}
 
 
 class MLflowStudyCallback(Callback):
@@ -486,6 +499,10 @@ class MLflowStudyCallback(Callback):
         self._started: set[str] = set()  # trials that started in this session of the study
         self._pending: deque[tuple[str, Callable[[], Any]]] = deque()
         self._dropped: list[str] = []
+        # Trial id -> [running seconds of its earlier runs, of its current one]. Tune counts a trial's time
+        # (`time_total_s`) from 0 again whenever it restarts it (at --resume, after a failure): our trials report
+        # no Tune checkpoint (Ray Train keeps its own), so nothing carries the count over.
+        self._running_s: dict[str, list[float]] = {}
         self.rows: list[StudyRow] = []
         self._start_sending()
 
@@ -506,6 +523,36 @@ class MLflowStudyCallback(Callback):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._start_sending()
+        _RESTORED[self._parent_run_id] = self
+
+    @staticmethod
+    def restored(parent_run_id: str) -> MLflowStudyCallback | None:
+        """The copy `Tuner.restore` unpickled in this process for the study's parent run, if any: the one in
+        effect in a resumed study (its state is the latest Tune saved)."""
+        return _RESTORED.get(parent_run_id)
+
+    def get_state(self) -> dict[str, Any]:
+        """What Tune saves with the experiment (every second, `orchestrator.runner`) and gives back at resume."""
+        return {"running_s": {trial_id: list(seconds) for trial_id, seconds in self._running_s.items()}}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._running_s = {trial_id: list(seconds) for trial_id, seconds in state.get("running_s", {}).items()}
+
+    def _count_running_time(self, trial_id: str, result: Mapping[str, Any]) -> None:
+        seconds = result.get("time_total_s")
+        if seconds is None:
+            return
+        earlier, current = self._running_s.get(trial_id, [0.0, 0.0])
+        if seconds < current:  # Tune restarted the trial: its count began again at 0
+            earlier += current
+        self._running_s[trial_id] = [earlier, float(seconds)]
+
+    def trial_seconds(self, trial_id: str, last_result: Mapping[str, Any]) -> float:
+        """A trial's running time over all its runs (the study's sessions, restarts after failures)."""
+        if trial_id not in self._running_s:
+            return _this_run_seconds(trial_id, last_result)
+        earlier, current = self._running_s[trial_id]
+        return earlier + current
 
     @property
     def unlogged(self) -> list[str]:
@@ -597,9 +644,11 @@ class MLflowStudyCallback(Callback):
     def _conclude(self, trial: Trial, failed: bool) -> None:
         state, reason = self._outcome(trial, failed)
         self._concluded.add(trial.trial_id)
-        spend = _trial_spend(self._trial_spend, trial.config, trial.last_result or {})
+        seconds = self.trial_seconds(trial.trial_id, trial.last_result or {})
+        spend = _trial_spend(self._trial_spend, trial.config, seconds)
         if spend is not None:
-            self._submit(f"spend of trial {trial.trial_id}", lambda: self._tracker.log_spend(self._run_id(trial), spend))
+            self._submit(f"spend of trial {trial.trial_id}",
+                         lambda: self._tracker.log_spend(self._run_id(trial), spend))
         self._submit(f"state {state!r} of trial {trial.trial_id}",
                      lambda: self._tracker.finish_trial(self._run_id(trial), state, reason))
 
@@ -607,13 +656,15 @@ class MLflowStudyCallback(Callback):
         state, reason = self._outcome(trial, trial.status == Trial.ERROR)
         return _study_row(trial.trial_id, self._params(trial), trial.last_result or {}, state, reason,
                           self._trial_cost(trial.config) if self._trial_cost and trial.config else None,
-                          _trial_spend(self._trial_spend, trial.config, trial.last_result or {}))
+                          _trial_spend(self._trial_spend, trial.config,
+                                       self.trial_seconds(trial.trial_id, trial.last_result or {})))
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self._started.add(trial.trial_id)
         self._submit(f"run of trial {trial.trial_id}", lambda: self._run_id(trial, restart=True))
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
+        self._count_running_time(trial.trial_id, result)
         self._log_result(trial, result)
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:

@@ -284,7 +284,7 @@ def test_an_interrupted_study_resumes_into_the_same_runs_through_the_callback(tr
     parent = tracker.start_study("study-d", "/studies/study-d")
     done = FakeTrial("done_00000", study_config("softplus"))
     cut = FakeTrial("cut_00001", study_config("silu"))
-    before = MLflowStudyCallback(tracker, parent, all_params, max_epochs=MAX_EPOCHS)
+    before = MLflowStudyCallback(tracker, parent, all_params, max_epochs=MAX_EPOCHS, trial_spend=half_cpu_spend)
     # Tuner pickles its RunConfig, callbacks included, when built; Tuner.restore brings that copy back.
     pickled_by_tuner = cloudpickle.dumps(before)
     for trial in (done, cut):
@@ -293,16 +293,19 @@ def test_an_interrupted_study_resumes_into_the_same_runs_through_the_callback(tr
         done.last_result = synthetic_metrics(done.config, epoch)
         before.on_trial_result(0, [], done, done.last_result)
     complete(before, done)
-    cut.last_result = synthetic_metrics(cut.config, 0)
+    cut.last_result = {**synthetic_metrics(cut.config, 0), "time_total_s": 5.0}  # Tune's count of its running time
     before.on_trial_result(0, [], cut, cut.last_result)
     before.flush()  # what reached MLflow before the driver died
+    saved_by_tune = before.get_state()  # Tune saves its callbacks' state with the experiment
     # The driver dies here. The resumed study restores `cut` from its epoch-0 checkpoint, so epoch 0's result
     # may be reported again; `done` is not re-run.
     assert StudyTracker(mlflow_server, mlflow_experiment).start_study("study-d", "/studies/study-d", resume=True) == parent
     after = cloudpickle.loads(pickled_by_tuner)
+    after.set_state(saved_by_tune)
+    assert MLflowStudyCallback.restored(parent) is after  # the copy in effect, for the driver's report rows
     after.on_trial_start(0, [], cut)
-    for epoch in range(MAX_EPOCHS):
-        cut.last_result = synthetic_metrics(cut.config, epoch)
+    for epoch in range(MAX_EPOCHS):  # restarted without a Tune checkpoint: Tune counts its time from 0 again
+        cut.last_result = {**synthetic_metrics(cut.config, epoch), "time_total_s": 2.0 * (epoch + 1)}
         after.on_trial_result(0, [], cut, cut.last_result)
     complete(after, cut)
     after.on_experiment_end([done, cut])
@@ -315,6 +318,11 @@ def test_an_interrupted_study_resumes_into_the_same_runs_through_the_callback(tr
         assert run.info.status == "FINISHED" and run.data.tags["satscale.trial_state"] == "finished"
     assert sorted(row.trial_id for row in after.rows) == ["cut_00001", "done_00000"]
     assert after.unlogged == []
+    # What the cut trial spent counts both of its runs: 5 s before the driver died, 6 s after the resume.
+    assert after.trial_seconds("cut_00001", cut.last_result) == 11.0
+    assert next(row.spend for row in after.rows if row.trial_id == "cut_00001") == half_cpu_spend({}, 11.0)
+    cut_run = next(run for run in children if run.data.tags["satscale.trial_id"] == "cut_00001")
+    assert cut_run.data.metrics["wall_s"] == 11.0
 
 
 def test_trials_are_finished_by_their_own_epochs_and_one_without_a_config_is_still_accounted_for(
