@@ -126,8 +126,9 @@ def run_path(study: StudyConfig, storage_path: str, resume: bool) -> str:
 
 # The study as its run started, kept beside Tune's state: `--resume` must continue that study, not another.
 STUDY_FILE = "satscale-study.json"
-# Settings that change no trial and no search: free to change between a run and its resume.
-_FREE_TO_CHANGE = frozenset({"description"})
+# Settings that change no trial and no search: free to change between a run and its resume (a larger budget is
+# how a study stopped by its budget goes on; prices and what is logged at the end change no result).
+_FREE_TO_CHANGE = frozenset({"description", "budget", "cost", "tracking"})
 
 
 def _filesystem(path: str) -> tuple[pyarrow.fs.FileSystem, str]:

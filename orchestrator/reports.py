@@ -17,7 +17,8 @@ from typing import Any, Literal
 from orchestrator.comparisons import binomial_accuracy
 from orchestrator.costs import Spend, total_spend
 
-TrialState = Literal["finished", "stopped_early", "failed", "interrupted"]
+# budget: paused or never started because the study's budget was spent (resumable with a larger one).
+TrialState = Literal["finished", "stopped_early", "failed", "interrupted", "budget"]
 
 # The trial params that name a point of the study in the paper's tables.
 SCALE_PARAMS = ("arch", "depth_mult", "width_mult", "resolution")
@@ -125,6 +126,8 @@ def _notes(row: StudyRow) -> str:
         return f"failed: {row.failure_reason or 'unknown error'}"
     if row.state == "stopped_early":
         return f"stopped early after {row.epochs} epoch(s)"
+    if row.state == "budget":
+        return f"stopped: budget, after {row.epochs} epoch(s)" if row.epochs else "not run: budget"
     return ""
 
 
@@ -355,15 +358,15 @@ def _repeats_seeds(groups: Sequence[SeedGroup]) -> bool:
     return any(len(group.seeds) > 1 for group in groups)
 
 
-def write_reports(rows: Iterable[StudyRow], directory: Path) -> list[Path]:
-    """leaderboard.csv, leaderboard.md and pareto.png in `directory` (created if needed), pareto_cost.png when
-    the rows say what they spent, and seeds.md (each configuration's mean ± std) when trials repeat a
-    configuration over seeds."""
+def write_reports(rows: Iterable[StudyRow], directory: Path, notes: Sequence[str] = ()) -> list[Path]:
+    """leaderboard.csv, leaderboard.md (`notes` below its table: how the study ended, when not by itself) and
+    pareto.png in `directory` (created if needed), pareto_cost.png when the rows say what they spent, and seeds.md
+    (each configuration's mean ± std) when trials repeat a configuration over seeds."""
     rows = list(rows)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     markdown = directory / "leaderboard.md"
-    markdown.write_text(leaderboard_markdown(rows))
+    markdown.write_text(leaderboard_markdown(rows) + "".join(f"\n{note}\n" for note in notes))
     written = [write_leaderboard_csv(rows, directory / "leaderboard.csv"), markdown,
                plot_pareto(rows, directory / "pareto.png")]
     if any(row.spend for row in rows):

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +29,10 @@ from ray import tune
 from ray.train import Checkpoint
 from ray.tune.execution import class_cache
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from cluster import TRIAL_DRIVER_RESOURCE
+from orchestrator.budget import BudgetedASHA, BudgetedFIFO, BudgetLedger, install_ledger, take_ledger
 from orchestrator.console import ConsoleSettings
 from orchestrator.costs import Spend, total_spend, trial_spend
 from orchestrator.model_registry import model_tags
@@ -40,7 +40,7 @@ from orchestrator.preflight import check_study_inputs, cluster_capacity, pending
 from orchestrator.reports import StudyRow, leaderboard, write_reports
 from orchestrator.tracking import MLflowStudyCallback, StudyTracker, is_permanent, study_rows, ui_url
 from orchestrator.trial_driver import run_trial
-from search_spaces.space import OptunaSpace, param_space, trial_params
+from search_spaces.space import OptunaSpace, count_trials, param_space, trial_params
 from search_spaces.study import StudyConfig
 from trainers.checkpoint import load_training_state
 from trainers.data.convert import convert
@@ -74,6 +74,7 @@ class StudyOutcome:
     best_model_uri: str | None
     logs_dir: Path | None = None  # where the console view sent Ray's and the libraries' logs
     mlflow_url: str | None = None  # the study's training runs in MLflow's UI
+    budget_note: str | None = None  # set when the study's budget ended this session (resumable)
 
 
 def prepare_datasets(study: StudyConfig) -> None:
@@ -108,13 +109,14 @@ def max_concurrent_trials(study: StudyConfig, capacity: Mapping[str, float]) -> 
     return max(1, min(fits))
 
 
-def _scheduler(study: StudyConfig):
+def _scheduler(study: StudyConfig, budget_key: str):
+    """FIFO or ASHA, gated by the study's budget (always: a budget may be set at a later --resume)."""
     if study.tune.scheduler == "fifo":
-        return FIFOScheduler()
+        return BudgetedFIFO(budget_key)
     asha = study.asha_settings()
     # One report per epoch, so Tune's training_iteration counts epochs.
-    return ASHAScheduler(time_attr="training_iteration", max_t=asha.max_t, grace_period=asha.grace_period,
-                         reduction_factor=asha.reduction_factor)
+    return BudgetedASHA(budget_key, time_attr="training_iteration", max_t=asha.max_t,
+                        grace_period=asha.grace_period, reduction_factor=asha.reduction_factor)
 
 
 def build_searcher(study: StudyConfig, concurrent: int):
@@ -150,7 +152,7 @@ def build_tuner(study: StudyConfig, storage_path: str, results_path: str, callba
         # Optuna asks its define-by-run space; the basic generator resolves Tune's param_space.
         param_space={} if study.tune.searcher == "optuna" else param_space(study),
         # Reusing trial actors: a trial after the first in each slot skips its actor's process start and imports.
-        tune_config=tune.TuneConfig(metric=study.tune.metric, mode=study.tune.mode, scheduler=_scheduler(study),
+        tune_config=tune.TuneConfig(metric=study.tune.metric, mode=study.tune.mode, scheduler=_scheduler(study, results_path),
                                     search_alg=searcher, num_samples=study.tune.num_samples, reuse_actors=True,
                                     max_concurrent_trials=None if study.tune.searcher == "random" else concurrent),
         run_config=tune.RunConfig(name=results_path.rsplit("/", 1)[-1], storage_path=storage_path,
@@ -272,17 +274,23 @@ def run_study(study: StudyConfig, storage_path: str, tracking_uri: str, resume: 
                                    trial_spend=spend)
     tuner = build_tuner(study, storage_path, results_path, [callback, *callbacks], resume,
                         verbose=console.tune_verbosity if console else None)
+    # A resumed Tuner brought back its own copy of the callback: the one in effect, which counts trial time.
+    in_effect = (MLflowStudyCallback.restored(parent_run_id) if resume else None) or callback
+    install_ledger(results_path, BudgetLedger(study.budget, spend, in_effect.trial_seconds,
+                                              lambda config: study.trial_config(config).train.epochs))
     try:
         with console.tune_output_to(logs_dir) if console else contextlib.nullcontext(), \
                 tune_interruption() as interrupted:
             results = tuner.fit()
-        if interrupted():
+        ledger = take_ledger(results_path)
+        if interrupted() and not (ledger and ledger.ended):  # the budget ends the run through Tune's handler too
             raise StudyInterrupted(results_path)
-        in_effect = (MLflowStudyCallback.restored(parent_run_id) if resume else None) or callback
         rows = study_rows(results, params, cost, study.max_epochs(), spend, in_effect.trial_seconds)
+        rows, budget_note = _budget_outcome(study, rows, ledger)
         callback.flush()
         try:
-            best_model_uri = _log_study_end(tracker, parent_run_id, study, rows, results, storage_path)
+            best_model_uri = _log_study_end(tracker, parent_run_id, study, rows, results, storage_path,
+                                            budget_note)
         except Exception as error:
             if is_permanent(error):
                 raise
@@ -294,8 +302,24 @@ def run_study(study: StudyConfig, storage_path: str, tracking_uri: str, resume: 
         if isinstance(error, KeyboardInterrupt):
             raise StudyInterrupted(results_path) from None  # a second Ctrl-C, during Tune's last save
         raise
+    finally:
+        take_ledger(results_path)
     return StudyOutcome(rows, parent_run_id, results_path, best_model_uri, logs_dir,
-                        ui_url(tracking_uri, tracker.experiment_id))
+                        ui_url(tracking_uri, tracker.experiment_id), budget_note)
+
+
+def _budget_outcome(study: StudyConfig, rows: list[StudyRow], ledger: BudgetLedger | None
+                    ) -> tuple[list[StudyRow], str | None]:
+    """When the budget ended the session: the trials it left (paused at a checkpoint, or never started) marked
+    `budget`, and the line the reports and the console say it with; else the rows as they are and None."""
+    if ledger is None or not ledger.ended:
+        return rows, None
+    rows = [replace(row, state="budget") if row.trial_id in ledger.unfinished else row for row in rows]
+    stopped = sum(row.state == "budget" and row.epochs > 0 for row in rows)
+    not_run = sum(row.state == "budget" and row.epochs == 0 for row in rows) + max(
+        count_trials(study) - len(rows), 0)
+    return rows, (f"Budget spent ({ledger.spent_on}): {stopped} trial(s) stopped at an epoch checkpoint, "
+                  f"{not_run} not run. Continue with --resume and a larger budget block.")
 
 
 def _end_parent_after(tracker: StudyTracker, parent_run_id: str, error: BaseException) -> None:
@@ -309,11 +333,12 @@ def _end_parent_after(tracker: StudyTracker, parent_run_id: str, error: BaseExce
 
 
 def _log_study_end(tracker: StudyTracker, parent_run_id: str, study: StudyConfig, rows: list[StudyRow], results,
-                   storage_path: str) -> str | None:
-    """Reports and the final models to MLflow, then the parent run ends; returns the best model's URI (its
-    registered version). With `tracking.models: finished` every ended trial's model goes to its own run too."""
+                   storage_path: str, budget_note: str | None = None) -> str | None:
+    """Reports and the final models to MLflow, then the parent run ends (as `budget_spent` with a budget note);
+    returns the best model's URI (its registered version). With `tracking.models: finished` every ended trial's
+    model goes to its own run too."""
     with tempfile.TemporaryDirectory(prefix="satscale-reports-") as directory:
-        write_reports(rows, Path(directory))
+        write_reports(rows, Path(directory), [budget_note] if budget_note else [])
         tracker.log_reports(parent_run_id, Path(directory))
     tracker.log_spend(parent_run_id, total_spend(row.spend for row in rows), prefix="total_")
     try:
@@ -330,7 +355,7 @@ def _log_study_end(tracker: StudyTracker, parent_run_id: str, study: StudyConfig
         if study.tracking.models == "finished":
             trial_run_id = tracker.trial_run(parent_run_id, row.trial_id, row.params, restart=False)
             tracker.log_model(trial_run_id, trained.model, tags)
-    tracker.finish_study(parent_run_id)
+    tracker.finish_study(parent_run_id, "budget_spent" if budget_note else "finished")
     return best_model_uri
 
 

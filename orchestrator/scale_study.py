@@ -237,6 +237,8 @@ def _main(args: argparse.Namespace) -> int:
     print(final_screen(study.name, outcome.rows, robust_name(study), outcome.parent_run_id, tracking_uri,
                        outcome.mlflow_url, outcome.experiment_path, outcome.best_model_uri, outcome.logs_dir,
                        study_arguments(args)))
+    if outcome.budget_note:  # the study did what its budget allows: not an error
+        print(f"scale_study: {outcome.budget_note}")
     return 0
 
 

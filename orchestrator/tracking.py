@@ -64,9 +64,10 @@ def ui_url(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> 
     return f"{mask_url_credentials(base)}/#/experiments/{experiment_id}/{page}?{UI_WORKFLOW_PARAMETER}"
 
 RUN_STATUS: dict[TrialState, str] = {"finished": "FINISHED", "stopped_early": "KILLED", "failed": "FAILED",
-                                     "interrupted": "KILLED"}
+                                     "interrupted": "KILLED", "budget": "KILLED"}
 # How a study ended -> its parent run's status.
-STUDY_STATUS = {"finished": "FINISHED", "interrupted": "KILLED", "failed": "FAILED"}
+# budget_spent: ended by its budget, resumable with a larger one (the reports say what ran).
+STUDY_STATUS = {"finished": "FINISHED", "interrupted": "KILLED", "failed": "FAILED", "budget_spent": "FINISHED"}
 # What the callback logs per epoch from a trial's result, when present.
 EPOCH_METRICS = ("clean_acc", "robust_acc", "train_loss", "train_robust_acc", "images_per_s", "lr", "resolution")
 
@@ -324,13 +325,13 @@ class StudyTracker:
     @_bounded_http
     def finish_study(self, parent_run_id: str, state: str = "finished") -> None:
         """End the parent run as the study ended (`STUDY_STATUS`: interrupted is KILLED, resumable). A study that
-        did not finish also ends its trials' runs still marked running: interrupted with it (`--resume` marks
-        them running again)."""
+        did not finish also ends its trials' runs still marked running: interrupted with it, or stopped by its
+        budget (`--resume` marks them running again)."""
         if state != "finished":
             running = self._runs_tagged({MLFLOW_PARENT_RUN_ID: parent_run_id, TAG_ROLE: "trial",
                                          TAG_TRIAL_STATE: "running"})
             for run in running:
-                self.finish_trial(run.info.run_id, "interrupted")
+                self.finish_trial(run.info.run_id, "budget" if state == "budget_spent" else "interrupted")
         self._client.set_tag(parent_run_id, TAG_STUDY_STATE, state)
         self._client.set_terminated(parent_run_id, status=STUDY_STATUS[state])
 
@@ -441,6 +442,16 @@ def _trial_spend(trial_spend: SpendFunction | None, config: dict | None, seconds
     return trial_spend(config, seconds)
 
 
+_TRIAL_FOLDER_ID = re.compile(r"_([0-9a-f]{5}_\d{5})(?:_|$)")
+
+
+def _trial_id_of_folder(name: str) -> str:
+    """A trial's id from its folder's name (Tune's `TRAINABLE_ID_INDEX_PARAMS_DATE`), for a trial without a
+    report (it failed first, or never started); the name itself where it holds none."""
+    found = _TRIAL_FOLDER_ID.search(name)
+    return found.group(1) if found else name
+
+
 def study_rows(results: ResultGrid, trial_params: Callable[[dict], dict[str, Any]],
                trial_cost: Callable[[dict], float] | None, max_epochs: int,
                trial_spend: SpendFunction | None = None, trial_seconds: TrialSeconds = _this_run_seconds
@@ -453,8 +464,7 @@ def study_rows(results: ResultGrid, trial_params: Callable[[dict], dict[str, Any
     rows = []
     for result in results:
         last_result = result.metrics or {}
-        # A trial that failed before its first report has no metrics; its directory is named after its id.
-        trial_id = last_result.get("trial_id") or Path(result.path).name
+        trial_id = last_result.get("trial_id") or _trial_id_of_folder(Path(result.path).name)
         reason = _failure_reason(result.error) if result.error else None
         params = redact(trial_params(result.config)) if result.config else {}
         state = "failed" if result.error else _ended_state(last_result, params, max_epochs)
@@ -547,12 +557,16 @@ class MLflowStudyCallback(Callback):
             earlier += current
         self._running_s[trial_id] = [earlier, float(seconds)]
 
-    def trial_seconds(self, trial_id: str, last_result: Mapping[str, Any]) -> float:
-        """A trial's running time over all its runs (the study's sessions, restarts after failures)."""
-        if trial_id not in self._running_s:
-            return _this_run_seconds(trial_id, last_result)
-        earlier, current = self._running_s[trial_id]
-        return earlier + current
+    def trial_seconds(self, trial_id: str, result: Mapping[str, Any]) -> float:
+        """A trial's running time over all its runs (the study's sessions, restarts after failures), at
+        `result`: its last result, or one just in that the callback has not counted yet (the budget's check)."""
+        earlier, current = self._running_s.get(trial_id, [0.0, 0.0])
+        seconds = result.get("time_total_s")
+        if seconds is None:
+            return earlier + current
+        if seconds < current:  # from a restarted run, not counted yet
+            return earlier + current + float(seconds)
+        return earlier + float(seconds)
 
     @property
     def unlogged(self) -> list[str]:

@@ -265,6 +265,18 @@ class CostSettings(BaseModel):
         return {**NODE_PRICES_USD_PER_HOUR, **self.node_prices_usd_per_hour}
 
 
+class BudgetSettings(BaseModel):
+    """What a study may spend (`orchestrator.budget`); any cap reached ends the session resumably. Free to change
+    at --resume: a larger budget continues where the last one stopped."""
+
+    model_config = _STRICT
+
+    cpu_hours: float | None = Field(None, gt=0, description="CPU-hours of all trials, all sessions")
+    gpu_hours: float | None = Field(None, gt=0, description="GPU-hours of all trials, all sessions")
+    usd: float | None = Field(None, gt=0, description="estimated dollars of all trials (the cost block's prices)")
+    wall_hours: float | None = Field(None, gt=0, description="wall time of this session (each run or --resume)")
+
+
 class TrackingSettings(BaseModel):
     """What a study leaves in MLflow besides its runs, metrics and reports."""
 
@@ -353,6 +365,7 @@ class StudyConfig(BaseModel):
     tune: TuneSettings = TuneSettings()
     tracking: TrackingSettings = TrackingSettings()
     cost: CostSettings = CostSettings()
+    budget: BudgetSettings = BudgetSettings()
     dataset: DatasetSpec | None = None
 
     @model_validator(mode="after")

@@ -15,7 +15,9 @@ import yaml
 from mlflow import MlflowClient
 
 from orchestrator.evaluate_study import main as evaluate_study_main
+from orchestrator.runner import run_study
 from orchestrator.scale_study import main as scale_study_main
+from search_spaces.study import load_study
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "orchestrator" / "scale_study.py"
@@ -255,6 +257,46 @@ def test_an_optuna_study_interrupted_then_killed_resumes_each_time_and_loses_and
     for run in children:  # trials finished before the kill were not run again
         if run.info.run_id in end_times:
             assert run.info.end_time == end_times[run.info.run_id]
+
+
+def test_a_spent_budget_pauses_the_study_at_a_checkpoint_and_a_larger_one_resumes_it(
+        ray_cluster, mlflow_server, digits_betons, tmp_path):
+    """budget.cpu_hours reached at the first trial's first epoch: it pauses at that epoch's checkpoint, the
+    second trial does not start, the study ends resumably (exit-0 outcome, reports saying so, MLflow telling the
+    truth); --resume with a larger budget continues the paused trial from its checkpoint and runs the other."""
+    path = write_study(tmp_path / "study.yaml", digits_betons, "budget-study", ["relu", "silu"],
+                       max_concurrent_trials=1)
+    storage = str(tmp_path / "storage")
+    # 0.36 CPU-seconds: less than any trial's start-up, so the first epoch's report reaches the cap.
+    outcome = run_study(load_study(str(path), ["budget.cpu_hours=0.0001"]), storage, mlflow_server)
+    assert outcome.budget_note and outcome.budget_note.startswith("Budget spent (cpu_hours: ")
+    assert "1 trial(s) stopped at an epoch checkpoint, 1 not run" in outcome.budget_note
+    (paused,) = [row for row in outcome.rows if row.epochs]
+    assert (paused.state, paused.epochs) == ("budget", 1) and paused.spend.cpu_hours >= 0.0001
+    client, parents, children = study_runs(mlflow_server, "budget-study")
+    (parent,) = parents
+    assert (parent.info.status, parent.data.tags["satscale.study_state"]) == ("FINISHED", "budget_spent")
+    (child,) = children
+    assert (child.info.status, child.data.tags["satscale.trial_state"]) == ("KILLED", "budget")
+    assert metric_steps(client, child, "robust_acc") == [0]
+    leaderboard = Path(client.download_artifacts(parent.info.run_id, "reports/leaderboard.md", str(tmp_path)))
+    assert "stopped: budget, after 1 epoch(s)" in leaderboard.read_text()
+    assert outcome.budget_note in leaderboard.read_text()
+    first_seconds = paused.spend.wall_s
+
+    # A larger budget (free to change at --resume): the paused trial goes on from epoch 0's checkpoint.
+    resumed = run_study(load_study(str(path), ["budget.cpu_hours=1"]), storage, mlflow_server, resume=True)
+    assert resumed.budget_note is None and resumed.parent_run_id == parent.info.run_id
+    assert sorted((row.params["activation"], row.state, row.epochs) for row in resumed.rows) == [
+        ("relu", "finished", 2), ("silu", "finished", 2)]
+    again = next(row for row in resumed.rows if row.params["activation"] == paused.params["activation"])
+    assert again.spend.wall_s > first_seconds  # both of its runs count
+    client, parents, children = study_runs(mlflow_server, "budget-study")
+    assert (parents[0].info.status, parents[0].data.tags["satscale.study_state"]) == ("FINISHED", "finished")
+    assert len(children) == 2
+    for run in children:
+        assert (run.info.status, run.data.tags["satscale.trial_state"]) == ("FINISHED", "finished")
+        assert metric_steps(client, run, "robust_acc") == [0, 1]  # no epoch trained or logged twice
 
 
 @pytest.mark.parametrize("arguments, message", [
