@@ -2,8 +2,9 @@
 # `make test` runs the tests. Both do all set-up first (system packages, virtualenv, Python packages).
 PYTHON ?= python3
 VENV ?= .venv
-# The CPU build lies on local disk here; on a CUDA machine set TORCH_SPEC to the build you want.
-TORCH_SPEC ?= torch==2.13.0
+# pip's arguments for PyTorch: the CUDA build this machine's NVIDIA driver runs, else the CPU build (from local
+# disk where it lies there); cluster/torch_build.py decides. Set TORCH_SPEC to choose another.
+TORCH_SPEC ?= $(shell $(PYTHON) cluster/torch_build.py)
 SYSTEM_PACKAGES := pkg-config libopencv-dev libturbojpeg0-dev dataset-fashion-mnist
 # Only the tests need these: MLflow's UI rendered in Debian's headless Chromium (not on cluster images).
 TEST_SYSTEM_PACKAGES := chromium
@@ -32,7 +33,8 @@ test-system-packages:
 $(STAMP): pyproject.toml
 	[ -x $(VENV)/bin/python ] || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
-	$(VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	@[ -n "$(TORCH_SPEC)" ] || { echo "make: no PyTorch build for this machine (above); set TORCH_SPEC"; exit 2; }
+	$(VENV)/bin/python -m pip install -q $(TORCH_SPEC)
 	$(VENV)/bin/python -m pip install -q -e ".[dev]"
 	# AutoAttack for orchestrator/evaluate_study.py: torchattacks' metadata asks for torchvision (which fails
 	# beside this torch build) but its code never imports it.

@@ -7,10 +7,10 @@ and GPUs are the Ray resources its type advertises in the YAML, read from the fi
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+from cluster.validate import NodeType
+from cluster.validate import aws_node_types as read_node_types
 
 AWS_CLUSTER_CONFIG = Path(__file__).with_name("aws.yaml")
 NODE_PRICES_USD_PER_HOUR = {
@@ -22,23 +22,7 @@ NODE_PRICES_USD_PER_HOUR = {
 }
 
 
-@dataclass(frozen=True)
-class NodeType:
-    name: str
-    instance_type: str
-    cpus: float
-    gpus: float
-    accelerator_type: str | None
-
-
 @functools.cache
 def aws_node_types() -> dict[str, NodeType]:
-    """cluster/aws.yaml's node types with the resources they advertise to Ray."""
-    config = yaml.safe_load(AWS_CLUSTER_CONFIG.read_text())
-    node_types = {}
-    for name, node in config["available_node_types"].items():
-        resources = node.get("resources", {})
-        accelerators = [key.split(":", 1)[1] for key in resources if key.startswith("accelerator_type:")]
-        node_types[name] = NodeType(name, node["node_config"]["InstanceType"], float(resources.get("CPU", 0)),
-                                    float(resources.get("GPU", 0)), accelerators[0] if accelerators else None)
-    return node_types
+    """cluster/aws.yaml's node types (as Ray's autoscaler reads them) by name, with the resources they advertise."""
+    return {node.name: node for node in read_node_types(AWS_CLUSTER_CONFIG)}

@@ -32,6 +32,7 @@ import yaml
 
 from cluster import TRIAL_DRIVER_RESOURCE
 from cluster.capacity import autoscaling_config_from_file, autoscaling_config_from_kuberay
+from cluster.torch_build import TORCH_VERSION
 from trainers.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,6 +143,9 @@ def study_problems(study, node_types: Sequence[NodeType]) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------ installs
 
+TORCH_BUILD_SCRIPT = "cluster/torch_build.py"
+
+
 @dataclass(frozen=True)
 class MakeSetup:
     """What `make setup` installs, read from the Makefile."""
@@ -155,6 +159,8 @@ def read_make_setup(makefile: Path = MAKEFILE) -> MakeSetup:
     text = makefile.read_text()
     packages = re.search(r"^SYSTEM_PACKAGES\s*:?=\s*(.+)$", text, re.M).group(1).split()
     torch_spec = re.search(r"^TORCH_SPEC\s*\?=\s*(.+)$", text, re.M).group(1).strip()
+    if TORCH_BUILD_SCRIPT in torch_spec:  # chosen per machine: the pinned version is the script's
+        torch_spec = f"torch=={TORCH_VERSION}"
     requirements = []
     for line in re.findall(r"pip install (.+)$", text, re.M):
         for argument in shlex.split(line):
@@ -196,6 +202,8 @@ def install_problems(commands: Sequence[str], where: str, setup: MakeSetup | Non
         problems.append(f"{where}: apt-get install lacks {missing} (the Makefile's SYSTEM_PACKAGES)")
     pip = _pip_arguments(commands)
     installed = {argument for arguments in pip for argument in arguments}
+    if any(TORCH_BUILD_SCRIPT in command and "pip install" in command for command in commands):
+        installed.add(f"torch=={TORCH_VERSION}")  # the build the node's driver runs, of the pinned version
     for requirement in (setup.torch_spec, *setup.pip_requirements, f"ray[default]=={ray.__version__}"):
         if requirement not in installed:
             problems.append(f"{where}: no pip install of {requirement!r} (make setup installs it; Ray must match "

@@ -53,8 +53,9 @@ def trial_spend(trial: TrialConfig, wall_s: float, settings: CostSettings) -> Sp
     cpus = workers.num_workers * workers.cpus_per_worker
     gpus = workers.num_workers * workers.gpus_per_worker if workers.use_gpu else 0.0
     node_name = trial_node_type(workers, settings)
-    node = aws_node_types()[node_name]
-    node_share = max(cpus / node.cpus if node.cpus else 0.0, gpus / node.gpus if node.gpus else 0.0)
+    node = aws_node_types()[node_name].resources
+    node_cpus, node_gpus = node.get("CPU", 0), node.get("GPU", 0)
+    node_share = max(cpus / node_cpus if node_cpus else 0.0, gpus / node_gpus if node_gpus else 0.0)
     return Spend(wall_s, cpus * hours, gpus * hours, node_share * settings.prices()[node_name] * hours)
 
 

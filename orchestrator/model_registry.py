@@ -13,8 +13,11 @@ both work. `load_best_model` returns the SATModel itself (for attacks and furthe
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import io
 import json
+import logging
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,6 +31,8 @@ from trainers.attacks import AttackConfig
 from trainers.checkpoint import save_model
 from trainers.models import ModelConfig, SATModel
 from trainers.trial import TrialConfig
+
+logger = logging.getLogger(__name__)
 
 LOADER_MODULE = "trainers.serving"
 BEST_ALIAS = "best"
@@ -101,7 +106,10 @@ def log_sat_model(tracking_uri: str, run_id: str, model: SATModel, *, name: str 
                          tags=tags)
         if registered_model_name is None:
             return info.model_uri
-        version = mlflow.register_model(info.model_uri, registered_model_name, tags=tags)
+        # MLflow prints its registration lines on stderr: the study's log file takes them, not the console.
+        with contextlib.redirect_stderr(io.StringIO()) as printed:
+            version = mlflow.register_model(info.model_uri, registered_model_name, tags=tags)
+        logger.info("%s", printed.getvalue().strip())
         client = mlflow.MlflowClient(tracking_uri)
         client.set_registered_model_alias(registered_model_name, BEST_ALIAS, version.version)
         return f"models:/{registered_model_name}/{version.version}"

@@ -1,4 +1,5 @@
-"""A study's reports from its trials' final results: leaderboard (CSV, Markdown), a Pareto-frontier plot and,
+"""A study's reports from its trials' final results: leaderboard (CSV, Markdown, with what each trial spent), a
+Pareto-frontier plot of clean against robust accuracy and one of robust accuracy against device-hours and,
 when trials repeat a configuration over seeds, each configuration's mean ± std; and, for trials that differ in
 scale, scaling curves (accuracy against FLOPs per image, one curve per configuration and scaled dimension).
 

@@ -258,7 +258,7 @@ class CostSettings(BaseModel):
     def _known_node_type(cls, node_type: str | None) -> str | None:
         if node_type is None:
             return None
-        trial_nodes = [name for name, node in aws_node_types().items() if node.cpus or node.gpus]
+        trial_nodes = [name for name, node in aws_node_types().items() if node.trains]
         return one_of(node_type, trial_nodes, "node type that runs trials (cluster/aws.yaml)")
 
     def prices(self) -> dict[str, float]:

@@ -1,7 +1,9 @@
 """PGD properties on a model trained on real data (digits): ball, box, strength, restarts, model state."""
 import pytest
 import torch
+import torch.nn.functional as F
 from pydantic import ValidationError
+from torch import nn
 
 from trainers.attacks import AttackConfig, PGDAttacker
 from trainers.attacks.autoattack import autoattack_accuracy, build_autoattack
@@ -190,3 +192,28 @@ def test_attack_config_validation(fields, message):
         return
     with pytest.raises(ValidationError, match=message):
         AttackConfig(**fields)
+
+
+def test_an_fp16_attack_keeps_the_gradients_that_half_precision_would_flush_to_zero():
+    """A model confident of every prediction: its loss gradients (~1e-9 and less) lie below fp16's smallest
+    subnormal (6e-8), so an unscaled fp16 backward pass gives zero gradients, a zero sign step, an attack weaker
+    than it reports. The attack rescales each example's gradient first: its steps are fp32's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10)).eval()
+    with torch.no_grad():
+        model[1].weight.mul_(600)  # margins of tens to hundreds of logits
+    images = torch.rand(16, 3, 8, 8) * 0.5 + 0.25
+    with torch.no_grad():
+        labels = model(images).argmax(dim=1)
+    leaf = images.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.float16):
+        logits = model(leaf)
+    (unscaled,) = torch.autograd.grad(F.cross_entropy(logits.float(), labels, reduction="sum"), leaf)
+
+    config = AttackConfig(eps=EPS, step_size=EPS / 4, steps=1, random_start=False)
+    fp32 = PGDAttacker(config).perturb(model, images, labels)
+    fp16 = PGDAttacker(config, autocast_dtype=torch.float16).perturb(model, images, labels)
+    moved = (fp32 - images).abs() > EPS / 8  # where fp32 has a gradient (its softmax saturates beyond ~100)
+    assert moved.float().mean() > 0.5
+    assert (unscaled[moved] == 0).float().mean() > 0.5  # the premise: half precision flushes most to zero
+    assert ((fp16 - images).sign()[moved] == (fp32 - images).sign()[moved]).float().mean() > 0.99

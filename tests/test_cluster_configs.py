@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -191,6 +194,50 @@ def test_setup_installs_what_make_setup_does():
     grown = MakeSetup(setup.system_packages, setup.torch_spec, (*setup.pip_requirements, "optuna==3.6.1"))
     assert "optuna==3.6.1" in install_problems(commands, "aws.yaml", grown)[0]
     assert "is not rayproject/ray:" in image_problems(["rayproject/ray:2.9.0-py39-cpu"], "x")[0]
+
+
+def fake_nvidia_smi(folder: Path, driver: str | None) -> dict[str, str]:
+    """An environment whose PATH finds a stand-in `nvidia-smi` (no GPU here: the real one cannot run) reporting
+    `driver` for two GPUs, or failing as it does on a machine without a GPU (driver None)."""
+    folder.mkdir(exist_ok=True)
+    script = folder / "nvidia-smi"
+    script.write_text(f"#!/bin/sh\nprintf '{driver}\\n{driver}\\n'\n" if driver else
+                      "#!/bin/sh\necho 'NVIDIA-SMI has failed because it could not communicate with the NVIDIA "
+                      "driver' >&2\nexit 9\n")
+    script.chmod(0o755)
+    return {**os.environ, "PATH": f"{folder}{os.pathsep}{os.environ['PATH']}"}
+
+
+@pytest.mark.parametrize(("driver", "expected"), [
+    ("580.65.06", "torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130"),
+    ("575.51.03", "torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"),
+    ("565.57.01", "torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126"),
+    (None, "torch==2.13.0"),
+])
+def test_make_setup_installs_the_torch_build_the_driver_runs(driver, expected, tmp_path):
+    environment = fake_nvidia_smi(tmp_path / "bin", driver)
+    chosen = subprocess.run([sys.executable, str(CLUSTER / "torch_build.py")], env=environment, capture_output=True,
+                            text=True, check=True)
+    assert chosen.stdout.strip() == expected
+    # What `make setup` would run (a dry run into an empty virtualenv folder): the same build, as pip arguments.
+    plan = subprocess.run(["make", "-n", f"{tmp_path}/venv/.satscale-installed", f"VENV={tmp_path}/venv"], cwd=ROOT,
+                          env=environment, capture_output=True, text=True, check=True)
+    assert f"{tmp_path}/venv/bin/python -m pip install -q {expected}\n" in plan.stdout
+    on_cluster_cpu = subprocess.run([sys.executable, str(CLUSTER / "torch_build.py"), "--cpu-index"],
+                                    env=environment, capture_output=True, text=True, check=True).stdout.strip()
+    assert on_cluster_cpu == (expected if driver else "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu")
+
+
+def test_a_driver_older_than_every_cuda_build_stops_the_setup_saying_what_it_needs(tmp_path):
+    environment = fake_nvidia_smi(tmp_path / "bin", "535.183.01")
+    chosen = subprocess.run([sys.executable, str(CLUSTER / "torch_build.py")], env=environment, capture_output=True,
+                            text=True)
+    assert chosen.returncode == 2 and chosen.stdout == ""
+    assert "NVIDIA driver 535.183.01 is older than every CUDA build" in chosen.stderr
+    assert "cu126 >= 560.28.03" in chosen.stderr and "TORCH_SPEC" in chosen.stderr
+    plan = subprocess.run(["make", "-n", f"{tmp_path}/venv/.satscale-installed", f"VENV={tmp_path}/venv"], cwd=ROOT,
+                          env=environment, capture_output=True, text=True)
+    assert '[ -n "" ] || { echo "make: no PyTorch build for this machine' in plan.stdout  # stops before pip
 
 
 def test_make_setup_is_read_from_the_makefile(tmp_path):

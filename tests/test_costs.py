@@ -22,8 +22,8 @@ def trial(**workers) -> TrialConfig:
 def test_every_node_type_of_the_cluster_yaml_has_a_price_and_its_resources():
     declared = yaml.safe_load(AWS_CLUSTER_CONFIG.read_text())["available_node_types"]
     assert set(NODE_PRICES_USD_PER_HOUR) == set(declared) == set(aws_node_types())
-    assert (aws_node_types()["gpu_8x"].gpus, aws_node_types()["gpu_8x"].accelerator_type) == (8, "A100")
-    assert aws_node_types()["cpu"].cpus == 8 and aws_node_types()["gpu_1x"].gpus == 1
+    assert aws_node_types()["gpu_8x"].resources["GPU"] == 8 and aws_node_types()["cpu"].resources["CPU"] == 8
+    assert aws_node_types()["gpu_1x"].resources["GPU"] == 1
 
 
 def test_a_trial_pays_its_share_of_the_node_type_it_needs_for_its_wall_time():

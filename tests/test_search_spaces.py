@@ -241,7 +241,7 @@ def test_tune_seed_seeds_every_searcher(searcher):
 
 BAD_STUDIES = [
     # (overrides on the default preset, substrings the error must contain)
-    (["bogus=1"], ["bogus: unknown key", "accepted: base, cost, dataset, description, name, search, tracking, tune"]),
+    (["bogus=1"], ["bogus: unknown key", "accepted: base, budget, cost, dataset, description, name, search, tracking, tune"]),
     (["search.scaling.phii=1"], ["search.scaling.phii: unknown key", "phi", "width_mult"]),
     (["train.model.widthmult=1"], ["base.train.model: unknown key"]),
     (["model.widthmult=1"], ["base.model.widthmult: unknown key", "width_mult"]),

@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import mlflow.artifacts
 import psutil
 import pytest
 import torch
@@ -71,7 +72,7 @@ def _s3_objects(bucket: str) -> Iterator[tuple[str, bytes]]:
 
 
 def test_planted_credentials_appear_nowhere_the_study_wrote(mlflow_server, s3_bucket, digits_betons, tmp_path,
-                                                            ray_temp_root):
+                                                            ray_temp_root, monkeypatch):
     """A real study (CLI, the local Ray it starts, S3 data and storage, an MLflow server) with fake credentials
     in its environment. They are the only AWS credentials there, so every S3 call (staging, checkpoints) was
     signed with them (moto accepts any pair); then every MLflow param, tag, metric key, run name and artifact,
@@ -113,6 +114,14 @@ def test_planted_credentials_appear_nowhere_the_study_wrote(mlflow_server, s3_bu
         downloaded = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "artifacts" / run.info.run_id)))
         for path in _files_under(downloaded):
             scan(f"artifact:{path.relative_to(downloaded)}", path.read_bytes())
+    # The best model: an MLflow Model of its own (artifacts beside the runs'), and its registry entry.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)  # where models:/ URIs are looked up
+    model = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}@best",
+                                                     dst_path=str(tmp_path / "model")))
+    for path in _files_under(model):
+        scan(f"artifact:model/{path.relative_to(model)}", path.read_bytes())
+    version = client.get_model_version_by_alias(name, "best")
+    scan("mlflow:model version", json.dumps({"tags": version.tags, "source": version.source}))
     for key, body in _s3_objects(s3_bucket):
         if not key.startswith("data/"):
             scan(f"storage:{key}", body)
@@ -120,9 +129,9 @@ def test_planted_credentials_appear_nowhere_the_study_wrote(mlflow_server, s3_bu
         scan(f"file:{path}", path.read_bytes())
 
     assert not found, found
-    # The search covered what the study wrote: both runs, reports and the best model, Tune's and Train's
-    # storage, and the Ray session's logs.
-    assert scanned["mlflow"] == 2 and scanned["artifact"] >= 5, scanned
+    # The search covered what the study wrote: both runs, the reports, the best model and its registry entry,
+    # Tune's and Train's storage, and the Ray session's logs.
+    assert scanned["mlflow"] == 3 and scanned["artifact"] >= 8, scanned
     assert scanned["storage"] >= 5 and scanned["file"] >= 20, scanned
 
 

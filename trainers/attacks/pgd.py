@@ -207,6 +207,22 @@ class PGDAttacker:
             return _stronger_at(best, self._scored(final, self._logits(model, final), labels[active],
                                                    attacked_labels[active]), active)
 
+    def _input_gradient(self, objective: torch.Tensor, logits: torch.Tensor, adv_images: torch.Tensor
+                        ) -> torch.Tensor:
+        """d objective.sum() / d images (summed, so each example's gradient is independent of the batch size).
+        Under fp16 autocast the backward pass runs in half precision, where the small gradients of confident
+        predictions underflow to zero (a zero sign step: an attack weaker than it reports). So each example's
+        gradient at the logits is scaled to a largest entry of 1 before it enters the network: a positive factor
+        per example, which changes no step (each follows its own gradient's direction), as GradScaler scales a
+        training loss."""
+        if self.autocast_dtype != torch.float16:
+            (grad,) = torch.autograd.grad(objective.sum(), adv_images)
+            return grad
+        (logit_grad,) = torch.autograd.grad(objective.sum(), logits, retain_graph=True)
+        largest = logit_grad.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        (grad,) = torch.autograd.grad(logits, adv_images, grad_outputs=logit_grad / largest)
+        return grad
+
     def _step(self, model: nn.Module, adv_images: torch.Tensor, images: torch.Tensor, attacked_labels: torch.Tensor,
               labels: torch.Tensor | None = None) -> tuple[torch.Tensor, _Candidate | None]:
         """One PGD step from `adv_images`; with `labels`, also the outcome of the iterate it started from."""
@@ -214,8 +230,7 @@ class PGDAttacker:
         logits = self._logits(model, adv_images)
         objective = self._objective(logits, attacked_labels)
         scored = self._scored(adv_images, logits, labels, attacked_labels) if labels is not None else None
-        # Summed, so each example's gradient is independent of the batch size.
-        (grad,) = torch.autograd.grad(objective.sum(), adv_images)
+        grad = self._input_gradient(objective, logits, adv_images)
         stepped = self.threat.step(adv_images.detach(), grad, self.config.step_size)
         return self.threat.project(stepped, images), scored
 
