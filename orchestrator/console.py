@@ -325,7 +325,9 @@ def final_screen(study_name: str, rows: Sequence[StudyRow], robust_name: str, pa
              "  Larger studies:   --config activation_table | compound_scaling (search_spaces/presets/)",
              f"  Tune results:     {results_path}"]
     if best_model_uri:
-        lines.append(f"  Best model:       {best_model_uri}")
+        name = best_model_uri.removeprefix("models:/").split("/")[0]
+        lines.append(f"  Best model:       {best_model_uri} (mlflow.pyfunc.load_model; serve it with "
+                     f"mlflow models serve -m models:/{name}@best --env-manager local)")
     if logs_dir is not None:
         lines.append(f"  Logs:             {logs_dir}")
     return "\n".join(lines)

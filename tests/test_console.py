@@ -102,6 +102,7 @@ def test_final_screen_says_where_to_look_next():
     assert f"mlflow ui --backend-store-uri sqlite:////tmp/x/mlflow.db, then open {url}" in screen
     assert "python orchestrator/evaluate_study.py --set train.epochs=3" in screen
     assert "/tmp/x/runs/demo/logs" in screen and "models:/demo/1" in screen
+    assert "mlflow models serve -m models:/demo@best --env-manager local" in screen
 
 
 def test_library_logs_and_warnings_go_to_the_log_file_not_the_console(tmp_path: Path):
