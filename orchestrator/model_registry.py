@@ -80,10 +80,12 @@ def _pinned_requirements() -> list[str]:
     return [f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in SERVING_PACKAGES]
 
 
-def _fluent_mlflow_at(tracking_uri: str):
-    """MLflow's model logging, registration and loading go through its fluent API, which reads the server from
-    the environment: point it at the study's server for the call (nothing in satscale sets MLflow's global URI)."""
-    return environment_variables({"MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_REGISTRY_URI": tracking_uri})
+def _fluent_mlflow_at(tracking_uri: str, experiment_id: str | None = None):
+    """MLflow's model logging, registration and loading go through its fluent API, which reads the server (and,
+    for a new logged model, its experiment) from the environment: point it at the study's for the call (nothing
+    in satscale sets MLflow's global URI or experiment)."""
+    values = {"MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_REGISTRY_URI": tracking_uri}
+    return environment_variables({**values, "MLFLOW_EXPERIMENT_ID": experiment_id} if experiment_id else values)
 
 
 def log_sat_model(tracking_uri: str, run_id: str, model: SATModel, *, name: str = "model",
@@ -96,7 +98,10 @@ def log_sat_model(tracking_uri: str, run_id: str, model: SATModel, *, name: str 
 
     model = model.cpu().eval()
     tags = {key: str(value) for key, value in (tags or {}).items()}
-    with tempfile.TemporaryDirectory(prefix="satscale-model-") as scratch, _fluent_mlflow_at(tracking_uri):
+    client = mlflow.MlflowClient(tracking_uri)
+    experiment_id = client.get_run(run_id).info.experiment_id  # the logged model belongs with its run
+    with tempfile.TemporaryDirectory(prefix="satscale-model-") as scratch, \
+            _fluent_mlflow_at(tracking_uri, experiment_id):
         data_path = Path(scratch) / "sat_model"
         save_model(data_path, model)
         info = Model.log(artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id,
@@ -110,7 +115,6 @@ def log_sat_model(tracking_uri: str, run_id: str, model: SATModel, *, name: str 
         with contextlib.redirect_stderr(io.StringIO()) as printed:
             version = mlflow.register_model(info.model_uri, registered_model_name, tags=tags)
         logger.info("%s", printed.getvalue().strip())
-        client = mlflow.MlflowClient(tracking_uri)
         client.set_registered_model_alias(registered_model_name, BEST_ALIAS, version.version)
         return f"models:/{registered_model_name}/{version.version}"
 

@@ -129,3 +129,46 @@ def test_mlflow_models_serve_answers_with_the_models_logits(registered, mlflow_s
             server.wait()
     np.testing.assert_allclose(np.asarray(answer["predictions"], dtype=np.float32), logits(model, images),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_on_request_every_trial_that_ended_gets_its_model_under_its_own_run(mlflow_server, mlflow_experiment,
+                                                                           tmp_path):
+    """`tracking.models: finished`: the best trial's model registered from the parent run, and each trial that
+    ended without error its own MLflow Model under its run (loaded from its last checkpoint); a failed trial none."""
+    from types import SimpleNamespace
+
+    from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
+
+    from orchestrator.reports import StudyRow
+    from orchestrator.runner import _log_study_end
+    from search_spaces.study import TrackingSettings, load_study
+    from trainers.checkpoint import save_training_state
+    from trainers.models import build_model_from_config
+    from trainers.trial import TrialConfig
+
+    tracker = StudyTracker(mlflow_server, mlflow_experiment)
+    parent = tracker.start_study(mlflow_experiment, f"/studies/{mlflow_experiment}")
+    trial = TrialConfig.parse(load_study("default", ["model.width_mult=0.125", "model.depth_mult=0.25"]).base_values())
+    rows, results = [], []
+    for trial_id, robust in (("a_00000", 0.40), ("b_00001", 0.50), ("c_00002", None)):
+        checkpoint = tmp_path / trial_id
+        checkpoint.mkdir()
+        save_training_state(checkpoint, {"trial": trial.model_dump(mode="json"), "epoch": 0,
+                                         "model": build_model_from_config(trial.model, seed=0).state_dict()})
+        state = "failed" if robust is None else "finished"
+        rows.append(StudyRow(trial_id, {"activation": "relu"}, state, 0.8, robust, None, 1))
+        results.append(SimpleNamespace(metrics={"trial_id": trial_id, CHECKPOINT_PATH_KEY: str(checkpoint)}))
+    study = SimpleNamespace(name=mlflow_experiment, tracking=TrackingSettings(models="finished"))
+
+    best_uri = _log_study_end(tracker, parent, study, rows, results, str(tmp_path))
+    client = MlflowClient(mlflow_server)
+    assert best_uri == f"models:/{mlflow_experiment}/1"
+    assert client.get_model_version(mlflow_experiment, "1").tags["trial_id"] == "b_00001"
+    experiment = client.get_experiment_by_name(mlflow_experiment).experiment_id
+    logged = client.search_logged_models([experiment])
+    by_run = {}
+    for model in logged:
+        by_run.setdefault(model.source_run_id, []).append(model.tags["trial_id"])
+    trial_runs = {trial_id: tracker.trial_run(parent, trial_id, {}, restart=False)
+                  for trial_id in ("a_00000", "b_00001")}
+    assert by_run == {parent: ["b_00001"], trial_runs["a_00000"]: ["a_00000"], trial_runs["b_00001"]: ["b_00001"]}
