@@ -42,6 +42,9 @@ class BudgetLedger:
     trial_seconds: Callable[[str, Mapping[str, Any]], float]
     planned_epochs: Callable[[dict], int]
     started: float = field(default_factory=time.monotonic)
+    # Trial id -> what it spends per running second (a trial's spend is linear in its time): its config is
+    # parsed once, not at every scheduler call.
+    _rates: dict[str, Spend] = field(default_factory=dict)
     spent_on: str | None = None  # the cap reached, as the reports say it
     paused: set[str] = field(default_factory=set)
     ended: bool = False  # the session's Tune run was told to end
@@ -52,7 +55,12 @@ class BudgetLedger:
         def result_of(trial: Trial) -> Mapping[str, Any]:
             return current[1] if current and trial is current[0] else (trial.last_result or {})
 
-        return total_spend(self.spend(trial.config, self.trial_seconds(trial.trial_id, result_of(trial)))
+        def rate(trial: Trial) -> Spend:
+            if trial.trial_id not in self._rates:
+                self._rates[trial.trial_id] = self.spend(trial.config, 1.0)
+            return self._rates[trial.trial_id]
+
+        return total_spend(rate(trial).times(self.trial_seconds(trial.trial_id, result_of(trial)))
                            for trial in trials if trial.config)
 
     def reached(self, spend: Spend) -> str | None:
@@ -67,7 +75,7 @@ class BudgetLedger:
 
     def check(self, trials: Iterable[Trial], current: tuple[Trial, Mapping[str, Any]] | None = None) -> bool:
         """Whether a cap is reached (remembered: once reached, the session spends no more)."""
-        if self.spent_on is None:
+        if self.spent_on is None and self.limits.capped:
             self.spent_on = self.reached(self.spent(trials, current))
         return self.spent_on is not None
 

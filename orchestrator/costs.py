@@ -34,6 +34,9 @@ class Spend:
         return Spend(self.wall_s + other.wall_s, self.cpu_hours + other.cpu_hours,
                      self.gpu_hours + other.gpu_hours, self.usd + other.usd)
 
+    def times(self, factor: float) -> Spend:
+        return Spend(self.wall_s * factor, self.cpu_hours * factor, self.gpu_hours * factor, self.usd * factor)
+
 
 NOTHING_SPENT = Spend(0.0, 0.0, 0.0, 0.0)
 

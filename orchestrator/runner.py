@@ -152,8 +152,9 @@ def build_tuner(study: StudyConfig, storage_path: str, results_path: str, callba
         # Optuna asks its define-by-run space; the basic generator resolves Tune's param_space.
         param_space={} if study.tune.searcher == "optuna" else param_space(study),
         # Reusing trial actors: a trial after the first in each slot skips its actor's process start and imports.
-        tune_config=tune.TuneConfig(metric=study.tune.metric, mode=study.tune.mode, scheduler=_scheduler(study, results_path),
-                                    search_alg=searcher, num_samples=study.tune.num_samples, reuse_actors=True,
+        tune_config=tune.TuneConfig(metric=study.tune.metric, mode=study.tune.mode,
+                                    scheduler=_scheduler(study, results_path), search_alg=searcher,
+                                    num_samples=study.tune.num_samples, reuse_actors=True,
                                     max_concurrent_trials=None if study.tune.searcher == "random" else concurrent),
         run_config=tune.RunConfig(name=results_path.rsplit("/", 1)[-1], storage_path=storage_path,
                                   callbacks=callbacks, verbose=verbose),
@@ -183,8 +184,10 @@ def _study_functions(study: StudyConfig):
 def _models_to_log(rows: list[StudyRow], results, storage_path: str, which: str
                    ) -> list[tuple[StudyRow, TrainedTrial]]:
     """The final models `tracking.models` asks for, best first: the best trial's, or every trial's that ended
-    without error and has accuracies (loaded from its last checkpoint); none when no trial got there."""
-    ranked = [row for row in leaderboard(rows) if row.state != "failed" and row.robust_acc is not None]
+    without error and has accuracies (loaded from its last checkpoint); none when no trial got there. A trial
+    the budget paused has not ended: its model is logged when it does."""
+    ranked = [row for row in leaderboard(rows) if row.state in ("finished", "stopped_early")
+              and row.robust_acc is not None]
     wanted = {"best": ranked[:1], "finished": ranked, "none": []}[which]
     checkpoints = {(result.metrics or {}).get("trial_id"): (result.metrics or {}).get(CHECKPOINT_PATH_KEY)
                    for result in results}

@@ -276,6 +276,10 @@ class BudgetSettings(BaseModel):
     usd: float | None = Field(None, gt=0, description="estimated dollars of all trials (the cost block's prices)")
     wall_hours: float | None = Field(None, gt=0, description="wall time of this session (each run or --resume)")
 
+    @property
+    def capped(self) -> bool:
+        return any(value is not None for value in (self.cpu_hours, self.gpu_hours, self.usd, self.wall_hours))
+
 
 class TrackingSettings(BaseModel):
     """What a study leaves in MLflow besides its runs, metrics and reports."""
