@@ -25,10 +25,8 @@ from typing import Any
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
-from orchestrator.costs import Spend, total_spend
+from orchestrator.costs import SECONDS_PER_HOUR, Spend, total_spend
 from search_spaces.study import BudgetSettings
-
-SECONDS_PER_HOUR = 3600.0
 
 
 @dataclass
@@ -46,7 +44,6 @@ class BudgetLedger:
     # parsed once, not at every scheduler call.
     _rates: dict[str, Spend] = field(default_factory=dict)
     spent_on: str | None = None  # the cap reached, as the reports say it
-    paused: set[str] = field(default_factory=set)
     ended: bool = False  # the session's Tune run was told to end
     unfinished: set[str] = field(default_factory=set)  # the trials it left for --resume
 
@@ -104,7 +101,6 @@ class _BudgetGate:
             return decision
         last_epoch = int(result.get("epoch", -1)) + 1 >= ledger.planned_epochs(trial.config)
         if not last_epoch and ledger.check(tune_controller.get_trials(), (trial, result)):
-            ledger.paused.add(trial.trial_id)
             return TrialScheduler.PAUSE
         return decision
 

@@ -155,17 +155,21 @@ def _device_hours(spend: Spend | None) -> str:
     return f"{spend.gpu_hours:.3g} GPU-h" if spend.gpu_hours else f"{spend.cpu_hours:.3g} CPU-h"
 
 
+def _non_dominated(candidates: Sequence[StudyRow], objectives: Callable[[StudyRow], tuple[float, ...]]
+                   ) -> list[StudyRow]:
+    """The candidates no other one matches or beats on every objective (higher is better) while differing."""
+    points = [(row, objectives(row)) for row in candidates]
+    return [row for row, point in points
+            if not any(other != point and all(mine <= theirs for mine, theirs in zip(point, other))
+                       for _, other in points)]
+
+
 def pareto_front(rows: Iterable[StudyRow]) -> list[StudyRow]:
     """Trials no other trial beats on both clean and robust accuracy, by increasing clean accuracy. Failed
     trials' last numbers are not results, so they take no part."""
     candidates = [row for row in rows if row.state != "failed" and row.has_accuracies]
-
-    def dominated(row: StudyRow) -> bool:
-        return any(other.clean_acc >= row.clean_acc and other.robust_acc >= row.robust_acc
-                   and (other.clean_acc, other.robust_acc) != (row.clean_acc, row.robust_acc)
-                   for other in candidates)
-
-    return sorted((row for row in candidates if not dominated(row)), key=lambda row: (row.clean_acc, row.robust_acc))
+    return sorted(_non_dominated(candidates, lambda row: (row.clean_acc, row.robust_acc)),
+                  key=lambda row: (row.clean_acc, row.robust_acc))
 
 
 def _marker_sizes(points: Sequence[StudyRow]) -> list[float]:
@@ -214,13 +218,8 @@ def plot_pareto(rows: Iterable[StudyRow], path: Path) -> Path:
 def cost_front(rows: Iterable[StudyRow], hours: Callable[[Spend], float]) -> list[StudyRow]:
     """Trials no other trial beats on both robust accuracy and spent `hours`, cheapest first."""
     candidates = [row for row in rows if row.state != "failed" and row.robust_acc is not None and row.spend]
-
-    def dominated(row: StudyRow) -> bool:
-        return any(hours(other.spend) <= hours(row.spend) and other.robust_acc >= row.robust_acc
-                   and (hours(other.spend), other.robust_acc) != (hours(row.spend), row.robust_acc)
-                   for other in candidates)
-
-    return sorted((row for row in candidates if not dominated(row)), key=lambda row: hours(row.spend))
+    return sorted(_non_dominated(candidates, lambda row: (-hours(row.spend), row.robust_acc)),
+                  key=lambda row: hours(row.spend))
 
 
 def plot_cost_pareto(rows: Iterable[StudyRow], path: Path) -> Path:

@@ -550,12 +550,8 @@ class MLflowStudyCallback(Callback):
 
     def _count_running_time(self, trial_id: str, result: Mapping[str, Any]) -> None:
         seconds = result.get("time_total_s")
-        if seconds is None:
-            return
-        earlier, current = self._running_s.get(trial_id, [0.0, 0.0])
-        if seconds < current:  # Tune restarted the trial: its count began again at 0
-            earlier += current
-        self._running_s[trial_id] = [earlier, float(seconds)]
+        if seconds is not None:
+            self._running_s[trial_id] = [self.trial_seconds(trial_id, result) - seconds, float(seconds)]
 
     def trial_seconds(self, trial_id: str, result: Mapping[str, Any]) -> float:
         """A trial's running time over all its runs (the study's sessions, restarts after failures), at
@@ -564,7 +560,7 @@ class MLflowStudyCallback(Callback):
         seconds = result.get("time_total_s")
         if seconds is None:
             return earlier + current
-        if seconds < current:  # from a restarted run, not counted yet
+        if seconds < current:  # Tune restarted the trial (its count began again at 0)
             return earlier + current + float(seconds)
         return earlier + float(seconds)
 

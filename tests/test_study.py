@@ -18,6 +18,7 @@ from orchestrator.evaluate_study import main as evaluate_study_main
 from orchestrator.runner import run_study
 from orchestrator.scale_study import main as scale_study_main
 from search_spaces.study import load_study
+from tests.test_search_spaces import searcher_samples
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "orchestrator" / "scale_study.py"
@@ -184,18 +185,6 @@ def _trained_an_epoch(client, children) -> list:
     return [run for run in children if metric_steps(client, run, "robust_acc")]
 
 
-def optuna_suggestions(study_path: Path, count: int) -> list[tuple[str, float]]:
-    """The first `count` (activation, lr) pairs the study's seeded Optuna searcher suggests, uninterrupted."""
-    from orchestrator.runner import build_searcher
-    from search_spaces.study import load_study
-
-    study = load_study(str(study_path))
-    searcher = build_searcher(study, 1)
-    searcher.set_search_properties(study.tune.metric, study.tune.mode, {})
-    configs = [searcher.suggest(f"probe_{index}") for index in range(count)]
-    return [(config["activation"]["name"], config["optimizer.lr"]) for config in configs]
-
-
 def test_an_optuna_study_interrupted_then_killed_resumes_each_time_and_loses_and_repeats_nothing(
         ray_cluster, mlflow_server, digits_betons, tmp_path):
     """A fault mix on the driver of an Optuna study: Ctrl-C mid-trial (exit 130, MLflow says interrupted),
@@ -205,7 +194,9 @@ def test_an_optuna_study_interrupted_then_killed_resumes_each_time_and_loses_and
     study = write_study(tmp_path / "study.yaml", digits_betons, "resume-study", ["relu", "silu"],
                         search={"activation_sampling": "choice", "optimizer": {"lr": {"uniform": [0.05, 0.2]}}},
                         searcher="optuna", num_samples=2, max_concurrent_trials=1)
-    expected = optuna_suggestions(study, 2)
+    # The first two (activation, lr) pairs the study's seeded Optuna searcher suggests, uninterrupted.
+    expected = [(sample["activation"]["name"], sample["optimizer.lr"])
+                for sample in searcher_samples(load_study(str(study)), 2)]
     assert expected[0] != expected[1]
     command = [sys.executable, str(SCRIPT), "--config", str(study), "--storage", str(tmp_path / "storage"),
                "--mlflow-uri", mlflow_server]
