@@ -11,7 +11,7 @@ TEST_SYSTEM_PACKAGES := chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP := $(VENV)/.satscale-installed
 
-.PHONY: setup system-packages test-system-packages demo test clean
+.PHONY: setup system-packages test-system-packages demo test clean gpu-check-bundle
 
 setup: system-packages $(STAMP)
 
@@ -46,6 +46,19 @@ demo: setup
 
 test: setup test-system-packages
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# What benchmarks/gpu_check.py needs on the lent GPU machine (Python 3.12, torch there; no registry): the
+# pure-Python packages the trainers and robustness import, and Fashion-MNIST's test split (4.4 MB). Carry
+# $(GPU_CHECK_BUNDLE) with the run; benchmarks/README.md has the command.
+GPU_CHECK_BUNDLE := .gpu-check
+GPU_CHECK_WHEELS := pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+	typing-extensions==4.16.0 robustness==1.2.1.post2 cox==0.2 dill==0.4.1 tensorboardX==2.6.5
+gpu-check-bundle: setup
+	rm -rf $(GPU_CHECK_BUNDLE) && mkdir -p $(GPU_CHECK_BUNDLE)/wheels $(GPU_CHECK_BUNDLE)/fashion-mnist
+	$(VENV)/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d $(GPU_CHECK_BUNDLE)/wheels $(GPU_CHECK_WHEELS)
+	cp /usr/share/datasets/fashion-mnist/t10k-* $(GPU_CHECK_BUNDLE)/fashion-mnist/
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -11,6 +11,10 @@ images with the same attack (L-inf PGD-k with random start, same eps, step size 
   `use_best=False` (the same work as satscale's training attack) and once with `use_best=True`, the default
   of robustness's training CLI (one extra forward per attack).
 
+satscale can take its own switches (`--amp bf16 --channels-last --compile`, what study files set under `train:`);
+it then also runs in plain fp32 eager beside them. robustness always runs as its training loop does: fp32, eager,
+contiguous tensors (it has no autocast path).
+
 Both use SGD (momentum 0.9, Nesterov, weight decay 5e-4 on weights, lr 0.01) and label smoothing 0.1. The steps
 are timed round-robin in one process, one step of each per round, so machine load spreads evenly over them.
 
@@ -20,6 +24,7 @@ torchvision does not install beside this torch build). The script creates it on 
 itself there:
 
     python benchmarks/peer_robustness.py                      # CPU here; on a GPU machine it picks CUDA
+    python benchmarks/peer_robustness.py --amp bf16 --channels-last --compile --warmup 2   # satscale's fastest
     python benchmarks/peer_robustness.py --device cuda --torch-spec "torch==2.13.0"
 
 robustness hard-codes CUDA (`orig_input.cuda()` in `Attacker.forward`); on CPU the script makes
@@ -68,9 +73,10 @@ def ensure_venv(torch_spec: str) -> Path:
 
 # ---- everything below runs inside the benchmark venv ----
 
-def fashion_mnist_batch(batch_size: int, resolution: int):
-    """The first `batch_size` Fashion-MNIST training images as (N, 3, R, R) floats in [0, 1], and labels;
-    uniform noise (recorded as such) where Debian's dataset is not installed, e.g. on the GPU machine."""
+def fashion_mnist_batch(batch_size: int, resolution: int, root: Path | None = None, split: str = "train"):
+    """The first `batch_size` Fashion-MNIST images of `split` (idx files under `root`, default Debian's copy) as
+    (N, 3, R, R) floats in [0, 1], and labels; uniform noise (recorded as such) where the files are missing,
+    e.g. on the GPU machine."""
     import torch
     import torch.nn.functional as F
 
@@ -78,7 +84,7 @@ def fashion_mnist_batch(batch_size: int, resolution: int):
     from trainers.data.sources import read_source
 
     try:
-        source = read_source("fashion-mnist", None, "train")
+        source = read_source("fashion-mnist", root, split)
     except SourceError:
         generator = torch.Generator().manual_seed(0)
         return (torch.rand(batch_size, 3, resolution, resolution, generator=generator),
@@ -86,7 +92,7 @@ def fashion_mnist_batch(batch_size: int, resolution: int):
     images = torch.from_numpy(source.images[:batch_size].copy()).float().div(255).unsqueeze(1)
     images = F.interpolate(images, size=resolution, mode="bilinear").clamp(0, 1).repeat(1, 3, 1, 1)
     labels = torch.from_numpy(source.labels[:batch_size].astype("int64"))
-    return images.contiguous(), labels, f"Fashion-MNIST train, first {batch_size} images, bilinear to {resolution} px"
+    return images.contiguous(), labels, f"Fashion-MNIST {split}, first {batch_size} images, bilinear to {resolution} px"
 
 
 @contextlib.contextmanager
@@ -156,18 +162,24 @@ def measure(args: argparse.Namespace) -> dict:
     from trainers.attacks import AttackConfig
 
     device = torch.device(args.device)
-    images, labels, data = fashion_mnist_batch(args.batch_size, args.resolution)
+    images, labels, data = fashion_mnist_batch(args.batch_size, args.resolution, args.data_root, args.data_split)
     batch = (images.to(device), labels.to(device))
+    # satscale with the switches asked for, and in plain fp32 eager beside it when they differ from that.
+    plain = argparse.Namespace(**{**vars(args), "amp": "off", "channels_last": False, "compile": False})
+    libraries = ["satscale", *(["satscale fp32 eager"] if vars(plain) != vars(args) else []), "robustness",
+                 "robustness use_best"]
     steps: dict[Hashable, Callable[[], None]] = {}
     for k in args.attack_steps:
         attack = AttackConfig(eps=args.eps, step_size=args.step_size, steps=k, random_start=True)
         steps[("satscale", k)] = at_step(args.activation, attack, args, batch=batch)
+        if "satscale fp32 eager" in libraries:
+            steps[("satscale fp32 eager", k)] = at_step(args.activation, attack, plain, batch=batch)
         steps[("robustness", k)] = robustness_step(args.activation, attack, args, batch, use_best=False)
         steps[("robustness use_best", k)] = robustness_step(args.activation, attack, args, batch, use_best=True)
     seconds = interleaved_medians(steps, device, args.warmup, args.steps)
     rows = []
     for k in args.attack_steps:
-        for name in ("satscale", "robustness", "robustness use_best"):
+        for name in libraries:
             rows.append({"library": name, "attack_steps": k, "seconds_per_step": round(seconds[(name, k)], 5),
                          "images_per_s": round(args.batch_size / seconds[(name, k)], 1),
                          "time_vs_satscale": round(seconds[(name, k)] / seconds[("satscale", k)], 3)})
@@ -177,7 +189,9 @@ def measure(args: argparse.Namespace) -> dict:
         "settings": {"activation": args.activation, "arch": args.arch, "width_mult": args.width_mult,
                      "depth_mult": args.depth_mult, "resolution": args.resolution, "batch_size": args.batch_size,
                      "eps": args.eps, "step_size": args.step_size, "timed_rounds": args.steps,
-                     "warmup_rounds": args.warmup, "amp": args.amp, "data": data, "threads": args.threads,
+                     "warmup_rounds": args.warmup, "data": data, "threads": args.threads,
+                     "satscale": {"amp": args.amp, "channels_last": args.channels_last, "compile": args.compile},
+                     "robustness": "fp32, eager, contiguous (its training loop has no autocast)",
                      "cpu_cuda_shim": device.type != "cuda"},
         "rows": rows,
     }
@@ -200,6 +214,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=5, help="timed rounds (one step of each library per round)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    # satscale's own switches (study files: train.amp, train.channels_last, train.compile); robustness stays fp32.
+    parser.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--data-root", type=Path, default=None, help="Fashion-MNIST idx folder (default: Debian's)")
+    parser.add_argument("--data-split", choices=["train", "test"], default="train")
     return parser.parse_args()
 
 
@@ -214,7 +234,6 @@ def main() -> None:
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.amp, args.channels_last, args.compile = "off", False, False  # fp32 both: robustness has no autocast path
     record = measure(args)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     existing = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
