@@ -8,7 +8,7 @@ import torch
 from trainers.attacks import AttackConfig
 from trainers.models import build_model
 from trainers.training import (DivergenceError, OptimizerConfig, TrainConfig, build_optimizer, fit,
-                               lr_multiplier, seed_everything)
+                               lr_multiplier, native_bf16, seed_everything)
 
 EPS = 0.1
 TRAIN_ATTACK = AttackConfig(eps=EPS, step_size=1.25 * EPS, steps=1, clean_start_prob=0.2)
@@ -20,12 +20,15 @@ def tiny_model(activation="silu", **options):
                        resolution=32, **options)
 
 
-def test_pgd_adversarial_training_beats_chance_clean_and_robust(digits_split, tensor_loader):
+@pytest.mark.parametrize("switches", [{}, {"amp": "bf16", "channels_last": True}], ids=["fp32", "bf16-channels-last"])
+def test_pgd_adversarial_training_beats_chance_clean_and_robust(switches, digits_split, tensor_loader):
+    """The same floors in fp32 and in the presets' fast setting (bf16 autocast, channels_last): the faster step
+    trains as well (benchmarks/README.md compares the two at the demo's size)."""
     (train_images, train_labels), (test_images, test_labels) = digits_split
     seed_everything(0)
     model = tiny_model("silu")
     config = TrainConfig(epochs=3, optimizer=OptimizerConfig(lr=0.1, warmup_epochs=0.5),
-                         train_attack=TRAIN_ATTACK, eval_attack=EVAL_ATTACK)
+                         train_attack=TRAIN_ATTACK, eval_attack=EVAL_ATTACK, **switches)
     history = fit(model, tensor_loader(train_images, train_labels, shuffle=True),
                   tensor_loader(test_images, test_labels, batch_size=400), config)
     assert [h["epoch"] for h in history] == [0, 1, 2]
@@ -36,6 +39,20 @@ def test_pgd_adversarial_training_beats_chance_clean_and_robust(digits_split, te
     assert final["robust_acc"] < final["clean_acc"]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert all(h["images_per_s"] > 0 and math.isfinite(h["train_loss"]) for h in history)
+
+
+def test_amp_auto_is_bf16_exactly_where_the_device_computes_bf16_natively(digits_split, tensor_loader):
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    assert native_bf16("cpu") == ("avx512_bf16" in flags or "amx_tile" in flags)
+    config = TrainConfig(amp="auto", train_attack=TRAIN_ATTACK, eval_attack=None)
+    resolved = config.for_device("cpu")
+    assert resolved.amp == ("bf16" if native_bf16("cpu") else "off")
+    assert TrainConfig(amp="fp16").for_device("cpu").amp == "fp16"  # an explicit choice stays
+    with pytest.raises(ValueError, match="for_device"):
+        config.autocast_dtype  # noqa: B018 - unresolved, it has no dtype
+    (images, labels), _ = digits_split
+    history = fit(tiny_model(), tensor_loader(images[:64], labels[:64]), None, config)  # fit resolves it
+    assert math.isfinite(history[0]["train_loss"])
 
 
 def test_same_seed_same_run(digits_split, tensor_loader):

@@ -100,9 +100,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     startup = StartupClock(config.pop(TRIAL_STARTED_AT_KEY, None))
     maybe_fault("worker_start")
     trial = TrialConfig.parse(config)
-    train_config = trial.effective_train_config()
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
+    train_config = trial.effective_train_config().for_device(device)
 
     # Imported here, on the worker: each trial's Tune actor imports this module for `build_trainer` and never
     # reads data, so it should not pay for FFCV's import and numba compilation (benchmarks/README.md).

@@ -29,6 +29,20 @@ from trainers.faults import maybe_fault
 from trainers.seeding import seed_epoch, seed_everything, stream_generator, use_deterministic_algorithms  # noqa: F401
 
 AMP_DTYPES: dict[str, torch.dtype | None] = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# CPU features under which oneDNN computes bf16 natively (torch.cpu's probes; absent ones count as no).
+_CPU_BF16_PROBES = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether `device` computes bf16 natively, so bf16 autocast is faster rather than emulated: CUDA GPUs of
+    compute capability 8.0+ (Ampere on), CPUs with AVX512-BF16 or AMX (benchmarks/README.md: 2.1x fp32 on such
+    a CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return any(getattr(torch.cpu, probe, lambda: False)() for probe in _CPU_BF16_PROBES)
+    return False
 
 
 class DivergenceError(RuntimeError):
@@ -71,7 +85,9 @@ class TrainConfig(BaseModel):
     eval_attack: AttackConfig | None = AttackConfig(eps=4 / 255, step_size=1 / 255, steps=10, keep_best=True)
     # 1.0: update on adversarial images only; 0.5: half clean, half adversarial loss.
     adv_loss_weight: float = Field(1.0, ge=0, le=1)
-    amp: Literal["off", "bf16", "fp16"] = "off"
+    # "auto": bf16 where the device computes it natively (native_bf16), else off; resolved where the device is
+    # known (`for_device`: the worker, `fit`), so a study's trials on one kind of node all train alike.
+    amp: Literal["off", "bf16", "fp16", "auto"] = "off"
     channels_last: bool = False
     # torch.compile the model (attack and update both run the compiled graph).
     compile: bool = False
@@ -90,8 +106,16 @@ class TrainConfig(BaseModel):
                              f"than epochs ({self.epochs})")
         return self
 
+    def for_device(self, device: torch.device | str) -> TrainConfig:
+        """This config with `amp: auto` resolved for `device` (itself when amp is explicit)."""
+        if self.amp != "auto":
+            return self
+        return self.model_copy(update={"amp": "bf16" if native_bf16(device) else "off"})
+
     @property
     def autocast_dtype(self) -> torch.dtype | None:
+        if self.amp == "auto":
+            raise ValueError("amp: auto depends on the device: use config.for_device(device) first")
         return AMP_DTYPES[self.amp]
 
 
@@ -303,6 +327,7 @@ def fit(model: nn.Module, train_loader: Iterable, eval_loader: Iterable | None, 
     """Train `model` for `config.epochs` and return one metrics dict per epoch. Build the model with
     `seed=config.seed` for its initial weights to follow the config too."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    config = config.for_device(device)
     use_deterministic_algorithms(config.deterministic)
     optimizer = build_optimizer(model, config.optimizer)
     model = optimize_for_device(model.to(device), config)
