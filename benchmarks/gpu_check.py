@@ -53,8 +53,9 @@ from trainers.attacks import AttackConfig  # noqa: E402
 from trainers.checkpoint import load_model, load_training_state, save_model, save_training_state  # noqa: E402
 from trainers.models import build_model  # noqa: E402
 from trainers.seeding import use_deterministic_algorithms  # noqa: E402
-from trainers.training import (OptimizerConfig, TrainConfig, build_optimizer, build_scheduler, fit,  # noqa: E402
-                               iter_outcomes, optimize_for_device, train_one_epoch)
+from trainers.training import (AMP_DTYPES, OptimizerConfig, TrainConfig, build_optimizer,  # noqa: E402
+                               build_scheduler, fit, iter_outcomes, native_bf16, optimize_for_device,
+                               train_one_epoch)
 
 RESULT_FILE = "gpu_check.json"
 ACTIVATIONS = ("relu", "silu", "gelu", "softplus", "parametric_softplus")
@@ -143,6 +144,7 @@ def environment(context: Context) -> dict:
     info = {"python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
             "torch": torch.__version__, "cuda_build": torch.version.cuda,
             "packages": {name: _version(name) for name in ("numpy", "pydantic", "triton", "robustness")}}
+    info["native_bf16"] = native_bf16(context.device)  # what `amp: auto` picks on this device
     if context.cuda:
         properties = torch.cuda.get_device_properties(context.device)
         info.update({
@@ -154,7 +156,6 @@ def environment(context: Context) -> dict:
         })
     else:
         info["gpu"] = None
-        info["bf16_cpu"] = "avx512_bf16" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else None
     return info
 
 
@@ -201,7 +202,7 @@ def attack_precision(context: Context) -> dict:
     outcomes = {}
     for amp in ("off", "bf16", "fp16"):
         generator = torch.Generator(context.device).manual_seed(0)
-        dtype = TrainConfig(amp=amp).autocast_dtype
+        dtype = AMP_DTYPES[amp]
         robust = [r.cpu() for _clean, r in iter_outcomes(context.trained, context.eval_batches, attack,
                                                          context.device, dtype, channels_last=True,
                                                          generator=generator)]
@@ -267,11 +268,10 @@ def loader_cores(context: Context) -> dict:
     against one FFCV loader core's rate measured on CPU: how many loader cores keep one GPU fed."""
     per_core = _loader_rate_per_core()
     size = context.sizes.models[0]
+    pgd_1 = replace(context, sizes=replace(context.sizes, attack_steps=(1,)))
     rows = []
     for resolution in context.sizes.loader_resolutions:
-        at_size = replace(size, resolution=resolution)
-        sizes = replace(context.sizes, attack_steps=(1,))
-        group = _measure_group(replace(context, sizes=sizes), at_size, "bf16", True, ("silu",), compiled=False)
+        group = _measure_group(pgd_1, replace(size, resolution=resolution), "bf16", True, ("silu",), compiled=False)
         consumed = next(row["images_per_s"] for row in group["rows"] if row["attack_steps"] == 1)
         loader_rate = per_core.get(resolution)
         rows.append({"resolution": resolution, "at_images_per_s": consumed,
@@ -410,7 +410,7 @@ def compiled_numerics(size: ModelSize, device: torch.device) -> dict:
     compiled = torch.compile(model)
     result = {}
     for amp in ("off", "bf16"):
-        dtype = TrainConfig(amp=amp).autocast_dtype
+        dtype = AMP_DTYPES[amp]
         with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             eager, graph = model(images).float(), compiled(images).float()
         result[amp] = {"max_abs_diff": float((eager - graph).abs().max()), "logit_scale": float(eager.abs().max()),
