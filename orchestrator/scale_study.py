@@ -78,6 +78,17 @@ def storage_uri(storage: str) -> str:
 LOOPBACK = "127.0.0.1"
 
 
+# Start-up settings of a single-machine Ray (the tests' Ray head uses them too):
+LOCAL_RAY_STARTUP = {
+    # Ray Train's PreemptionWatcher (one more process per trial, started on every trial's critical path) watches
+    # for spot nodes being drained, which a local Ray does not have; on a cluster it stays on.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # The two idle workers Ray would start for each driver are never used: trials run in actors with their own
+    # runtime environments. Not starting them leaves both cores to the first trials.
+    "RAY_prestart_worker_first_driver": "0",
+}
+
+
 def local_ray_settings(bind_all: bool) -> None:
     """Settings for the local Ray started when no RAY_ADDRESS names a cluster, made before `ray` is imported
     (Ray reads them then): token authentication, and unless `bind_all`, 127.0.0.1 as the node's address, which
@@ -94,12 +105,8 @@ def local_ray_settings(bind_all: bool) -> None:
                           "authentication; unset RAY_AUTH_MODE (or set it to token)")
     if not bind_all:
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    # Ray Train's PreemptionWatcher (one more process per trial, started on every trial's critical path) watches
-    # for spot nodes being drained, which a local Ray does not have; on a cluster it stays on.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    # The two idle workers Ray would start for this driver are never used: trials run in actors with their own
-    # runtime environments. Not starting them leaves both cores to the first trials.
-    os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+    for name, value in LOCAL_RAY_STARTUP.items():
+        os.environ.setdefault(name, value)
 
 
 def _free_port() -> int:

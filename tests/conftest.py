@@ -28,6 +28,7 @@ os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 # Real servers: `mlflow server` (artifacts on the loopback S3 server); faults: an S3 server a test may restart,
 # a relay that cuts the MLflow server off the network for a while.
 pytest_plugins = ["tests.fixtures.mlflow_server", "tests.fixtures.restartable_s3", "tests.fixtures.outage_proxy"]
+from orchestrator.scale_study import LOCAL_RAY_STARTUP  # noqa: E402
 from tests.fixtures.network import free_loopback_port  # noqa: E402
 
 # --- SAT core: real data (scikit-learn's digits), upscaled to 3x32x32 images in [0, 1] ---------------------
@@ -194,7 +195,9 @@ def ray_cluster(s3_server) -> Iterator[RayHead]:
     ports = {flag: free_loopback_port() for flag in (
         "port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
         "metrics-export-port", "runtime-env-agent-port", "ray-client-server-port")}
-    environment = {**os.environ, "RAY_DEDUP_LOGS": "0"}  # results go to each test's explicit storage_path
+    # Results go to each test's explicit storage_path; the start-up settings of the local Ray scale_study.py
+    # starts (a laptop's head, as this one is), worth a Train process and two idle workers per trial or driver.
+    environment = {**os.environ, "RAY_DEDUP_LOGS": "0", **LOCAL_RAY_STARTUP}
     log = open(Path(temp_dir) / "head.log", "w")
     head = subprocess.Popen(
         [_ray_cli(), "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=4",

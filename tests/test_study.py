@@ -185,31 +185,65 @@ def _trained_an_epoch(client, children) -> list:
     return [run for run in children if metric_steps(client, run, "robust_acc")]
 
 
-def test_an_optuna_study_interrupted_then_killed_resumes_each_time_and_loses_and_repeats_nothing(
+def test_an_optuna_study_paused_killed_and_interrupted_resumes_each_time_and_loses_and_repeats_nothing(
         ray_cluster, mlflow_server, digits_betons, tmp_path):
-    """A fault mix on the driver of an Optuna study: Ctrl-C mid-trial (exit 130, MLflow says interrupted),
-    --resume, SIGKILL after a trial finished (no chance to say anything), --resume to the end. One trial at a
-    time; the searcher's state comes back with each resume, so the trials are the ones the seeded searcher
+    """The ways a study's driver stops, one after another on one Optuna study, one trial at a time: its budget
+    spent (a pause at an epoch checkpoint, exit-0 outcome), SIGKILL after a trial finished (no chance to say
+    anything), Ctrl-C mid-trial (exit 130, MLflow says interrupted), each followed by --resume; the last resume runs
+    to the end. The searcher's state comes back with each resume, so the trials are the ones the seeded searcher
     suggests uninterrupted (a searcher started afresh would suggest its first configuration again)."""
-    study = write_study(tmp_path / "study.yaml", digits_betons, "resume-study", ["relu", "silu"],
-                        search={"activation_sampling": "choice", "optimizer": {"lr": {"uniform": [0.05, 0.2]}}},
-                        searcher="optuna", num_samples=2, max_concurrent_trials=1)
+    path = write_study(tmp_path / "study.yaml", digits_betons, "resume-study", ["relu", "silu"],
+                       search={"activation_sampling": "choice", "optimizer": {"lr": {"uniform": [0.05, 0.2]}}},
+                       searcher="optuna", num_samples=2, max_concurrent_trials=1)
     # The first two (activation, lr) pairs the study's seeded Optuna searcher suggests, uninterrupted.
     expected = [(sample["activation"]["name"], sample["optimizer.lr"])
-                for sample in searcher_samples(load_study(str(study)), 2)]
+                for sample in searcher_samples(load_study(str(path)), 2)]
     assert expected[0] != expected[1]
-    command = [sys.executable, str(SCRIPT), "--config", str(study), "--storage", str(tmp_path / "storage"),
-               "--mlflow-uri", mlflow_server]
+    storage = str(tmp_path / "storage")
+
+    # 1. budget.cpu_hours 0.0001 (0.36 CPU-seconds, less than any trial's start-up): the first trial's first epoch
+    # reaches it; that trial pauses at the epoch's checkpoint, the second does not start.
+    outcome = run_study(load_study(str(path), ["budget.cpu_hours=0.0001"]), storage, mlflow_server)
+    assert outcome.budget_note and outcome.budget_note.startswith("Budget spent (cpu_hours: ")
+    assert "1 trial(s) stopped at an epoch checkpoint, 1 not run" in outcome.budget_note
+    (paused,) = [row for row in outcome.rows if row.epochs]
+    assert (paused.state, paused.epochs) == ("budget", 1) and paused.spend.cpu_hours >= 0.0001
+    client, parents, children = study_runs(mlflow_server, "resume-study")
+    (parent,) = parents
+    assert (parent.info.status, parent.data.tags["satscale.study_state"]) == ("FINISHED", "budget_spent")
+    (child,) = children
+    assert (child.info.status, child.data.tags["satscale.trial_state"]) == ("KILLED", "budget")
+    assert metric_steps(client, child, "robust_acc") == [0]
+    leaderboard = Path(client.download_artifacts(parent.info.run_id, "reports/leaderboard.md", str(tmp_path)))
+    assert "stopped: budget, after 1 epoch(s)" in leaderboard.read_text()
+    assert outcome.budget_note in leaderboard.read_text()
+
+    command = [sys.executable, str(SCRIPT), "--config", str(path), "--storage", storage, "--mlflow-uri",
+               mlflow_server, "--resume"]
     environment = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
 
     def start(*extra: str) -> subprocess.Popen:
         return subprocess.Popen(command + list(extra), env=environment, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
 
-    # Ctrl-C, as a terminal sends it: SIGINT to the driver's process group.
+    # 2. A larger budget (free to change at --resume): the paused trial goes on from epoch 0's checkpoint. SIGKILL
+    # once it finished.
+    driver = start("--set", "budget.cpu_hours=1")
+    try:
+        finished_before = _wait_for_runs(mlflow_server, "resume-study", driver, 400, _finished)
+        time.sleep(3)  # Tune saves its experiment state every second (orchestrator.runner)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.communicate()
+    assert [run.info.run_id for run in finished_before] == [child.info.run_id]
+    end_times = {run.info.run_id: run.info.end_time for run in finished_before}
+
+    # 3. Ctrl-C, as a terminal sends it (SIGINT to the driver's process group), once the second trial, the one the
+    # restored searcher suggests next, trained an epoch.
     driver = start()
     try:
-        _wait_for_runs(mlflow_server, "resume-study", driver, 400, _trained_an_epoch)
+        _wait_for_runs(mlflow_server, "resume-study", driver, 400, lambda client, children: [
+            run for run in _trained_an_epoch(client, children) if run.info.run_id not in end_times])
         os.killpg(driver.pid, signal.SIGINT)
         out, err = driver.communicate(timeout=120)
     finally:
@@ -220,23 +254,15 @@ def test_an_optuna_study_interrupted_then_killed_resumes_each_time_and_loses_and
     assert message.startswith("scale_study: interrupted: the study's state is saved in") and "--resume" in message, err
     assert "Traceback" not in err
     _, parents, children = study_runs(mlflow_server, "resume-study")
-    (parent,) = parents
-    assert (parent.info.status, parent.data.tags["satscale.study_state"]) == ("KILLED", "interrupted")
-    assert [run.info.status for run in children] == ["KILLED"]  # no run left RUNNING
-    assert children[0].data.tags["satscale.trial_state"] == "interrupted"
+    assert (parents[0].info.status, parents[0].data.tags["satscale.study_state"]) == ("KILLED", "interrupted")
+    (interrupted,) = [run for run in children if run.info.run_id not in end_times]
+    assert (interrupted.info.status, interrupted.data.tags["satscale.trial_state"]) == ("KILLED", "interrupted")
 
-    driver = start("--resume")
-    try:
-        finished_before = _wait_for_runs(mlflow_server, "resume-study", driver, 400, _finished)
-        time.sleep(3)  # Tune saves its experiment state every second (orchestrator.runner)
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.communicate()
-    end_times = {run.info.run_id: run.info.end_time for run in finished_before}
-
-    resumed = subprocess.run(command + ["--resume"], env=environment, capture_output=True, text=True,
-                             timeout=900)
-    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
+    # 4. --resume to the end.
+    resumed = run_study(load_study(str(path)), storage, mlflow_server, resume=True)
+    assert resumed.budget_note is None and resumed.parent_run_id == parent.info.run_id
+    again = next(row for row in resumed.rows if row.trial_id == paused.trial_id)
+    assert again.spend.wall_s > paused.spend.wall_s  # both of its runs count
     client, parents, children = study_runs(mlflow_server, "resume-study")
     assert [run.info.run_id for run in parents] == [parent.info.run_id]  # reused each time
     assert (parents[0].info.status, parents[0].data.tags["satscale.study_state"]) == ("FINISHED", "finished")
@@ -244,50 +270,10 @@ def test_an_optuna_study_interrupted_then_killed_resumes_each_time_and_loses_and
         expected)  # none lost, none repeated, each as the searcher suggested it
     for run in children:
         assert (run.info.status, run.data.tags["satscale.trial_state"]) == ("FINISHED", "finished")
-        assert metric_steps(client, run, "robust_acc") == [0, 1]  # no epoch logged twice
+        assert metric_steps(client, run, "robust_acc") == [0, 1]  # no epoch trained or logged twice
     for run in children:  # trials finished before the kill were not run again
         if run.info.run_id in end_times:
             assert run.info.end_time == end_times[run.info.run_id]
-
-
-def test_a_spent_budget_pauses_the_study_at_a_checkpoint_and_a_larger_one_resumes_it(
-        ray_cluster, mlflow_server, digits_betons, tmp_path):
-    """budget.cpu_hours reached at the first trial's first epoch: it pauses at that epoch's checkpoint, the
-    second trial does not start, the study ends resumably (exit-0 outcome, reports saying so, MLflow telling the
-    truth); --resume with a larger budget continues the paused trial from its checkpoint and runs the other."""
-    path = write_study(tmp_path / "study.yaml", digits_betons, "budget-study", ["relu", "silu"],
-                       max_concurrent_trials=1)
-    storage = str(tmp_path / "storage")
-    # 0.36 CPU-seconds: less than any trial's start-up, so the first epoch's report reaches the cap.
-    outcome = run_study(load_study(str(path), ["budget.cpu_hours=0.0001"]), storage, mlflow_server)
-    assert outcome.budget_note and outcome.budget_note.startswith("Budget spent (cpu_hours: ")
-    assert "1 trial(s) stopped at an epoch checkpoint, 1 not run" in outcome.budget_note
-    (paused,) = [row for row in outcome.rows if row.epochs]
-    assert (paused.state, paused.epochs) == ("budget", 1) and paused.spend.cpu_hours >= 0.0001
-    client, parents, children = study_runs(mlflow_server, "budget-study")
-    (parent,) = parents
-    assert (parent.info.status, parent.data.tags["satscale.study_state"]) == ("FINISHED", "budget_spent")
-    (child,) = children
-    assert (child.info.status, child.data.tags["satscale.trial_state"]) == ("KILLED", "budget")
-    assert metric_steps(client, child, "robust_acc") == [0]
-    leaderboard = Path(client.download_artifacts(parent.info.run_id, "reports/leaderboard.md", str(tmp_path)))
-    assert "stopped: budget, after 1 epoch(s)" in leaderboard.read_text()
-    assert outcome.budget_note in leaderboard.read_text()
-    first_seconds = paused.spend.wall_s
-
-    # A larger budget (free to change at --resume): the paused trial goes on from epoch 0's checkpoint.
-    resumed = run_study(load_study(str(path), ["budget.cpu_hours=1"]), storage, mlflow_server, resume=True)
-    assert resumed.budget_note is None and resumed.parent_run_id == parent.info.run_id
-    assert sorted((row.params["activation"], row.state, row.epochs) for row in resumed.rows) == [
-        ("relu", "finished", 2), ("silu", "finished", 2)]
-    again = next(row for row in resumed.rows if row.params["activation"] == paused.params["activation"])
-    assert again.spend.wall_s > first_seconds  # both of its runs count
-    client, parents, children = study_runs(mlflow_server, "budget-study")
-    assert (parents[0].info.status, parents[0].data.tags["satscale.study_state"]) == ("FINISHED", "finished")
-    assert len(children) == 2
-    for run in children:
-        assert (run.info.status, run.data.tags["satscale.trial_state"]) == ("FINISHED", "finished")
-        assert metric_steps(client, run, "robust_acc") == [0, 1]  # no epoch trained or logged twice
 
 
 @pytest.mark.parametrize("arguments, message", [
