@@ -88,13 +88,13 @@ def step_times(deterministic: bool, repeats: int, batches: int) -> list[float]:
 
 
 def loader_rate(path: Path, seeded: bool, workers: int) -> float:
+    from trainers.data.loader_config import LoaderConfig
+    from trainers.data.loaders import build_train_loader  # first: FFCV imported the way the workers import it
+
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToTensor, ToTorchImage
-
-    from trainers.data.loader_config import LoaderConfig
-    from trainers.data.loaders import build_train_loader
 
     if seeded:
         loader = build_train_loader(path, LoaderConfig(batch_size=256, resolution=32, num_workers=workers))

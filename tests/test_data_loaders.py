@@ -244,21 +244,29 @@ def test_two_ranks_see_each_sample_once_per_epoch(digits_betons, tmp_path):
     assert shards_by_epoch[0][0] != shards_by_epoch[1][0], "the shards must be reshuffled every epoch"
 
 
-def test_ffcv_leaves_the_callers_torch_thread_count_alone(digits_betons):
+def test_importing_ffcv_keeps_the_callers_torch_threads_and_compiles_nothing(digits_betons):
     """FFCV sets torch's intra-op threads on import (to 1) and per Loader (to num_workers): evaluation in a fresh
-    process ran on one core because of it. A new process, so FFCV is imported for the first time."""
+    process ran on one core because of it. Its import also built a numba typed Dict, compiling numba's dictionary
+    code (2-5 CPU-seconds per worker): imported here (trainers.data.importing_ffcv), numba compiles nothing until
+    a loader's pipeline, and that table is a plain dict the decoders read as before. A new process, so FFCV is
+    imported for the first time."""
     code = f"""
 import torch
 torch.set_num_threads(3)
 import orchestrator.runner  # imports the converters, hence FFCV
+import numba.typed, numba.typed.typeddict
+from ffcv.fields.rgb_image import IMAGE_MODES
+compiled = sum(len(getattr(numba.typed.typeddict, name).signatures) for name in ("_make_dict", "_setitem"))
+print(compiled, type(IMAGE_MODES).__name__, sorted(IMAGE_MODES.items()), numba.typed.Dict is numba.typed.typeddict.Dict)
 from trainers.data.loader_config import LoaderConfig
 from trainers.data.loaders import build_train_loader
 loader = build_train_loader({str(digits_betons["train"])!r}, LoaderConfig(batch_size=64, resolution=16))
-next(iter(loader))
-print(torch.get_num_threads())
+images, labels = next(iter(loader))
+print(int(images.float().std() > 0), torch.get_num_threads())
 """
-    out = run_python(code)
-    assert out.stdout.strip().splitlines()[-1] == "3"
+    import_state, after_a_batch = run_python(code).stdout.strip().splitlines()[-2:]
+    assert import_state == "0 dict [('jpg', 0), ('raw', 1)] True"  # numba's own Dict is back for everyone else
+    assert after_a_batch == "1 3"  # real pixels decoded; the caller's 3 threads
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:

@@ -20,10 +20,10 @@ import numpy as np
 from numba import types
 from numba.extending import intrinsic
 
-from trainers.data import torch_threads_kept
+from trainers.data import importing_ffcv
 from trainers.seeding import derive_seed
 
-with torch_threads_kept():  # FFCV's first import sets torch's thread count (trainers/data/__init__.py)
+with importing_ffcv():  # torch's thread count kept, no numba compile at import (trainers/data)
     from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder
     from ffcv.libffcv import imdecode, resize_crop
     from ffcv.pipeline.allocation_query import AllocationQuery

@@ -16,9 +16,9 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from trainers.data import torch_threads_kept
+from trainers.data import importing_ffcv
 
-with torch_threads_kept():  # FFCV's first import sets torch's thread count (trainers/data/__init__.py)
+with importing_ffcv():  # torch's thread count kept, no numba compile at import (trainers/data)
     from ffcv.fields import IntField, RGBImageField
     from ffcv.fields.rgb_image import encode_jpeg, resizer
     from ffcv.reader import Reader

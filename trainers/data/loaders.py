@@ -31,9 +31,9 @@ import numpy as np
 import torch
 import torch.distributed
 
-from trainers.data import torch_threads_kept
+from trainers.data import importing_ffcv, torch_threads_kept
 
-with torch_threads_kept():  # FFCV's first import sets torch's thread count (trainers/data/__init__.py)
+with importing_ffcv():  # torch's thread count kept, no numba compile at import (trainers/data)
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, ResizedCropRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
