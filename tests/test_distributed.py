@@ -132,10 +132,12 @@ def test_checkpoints_on_s3_and_resume_from_them(ray_cluster, digits_betons, s3_b
         assert load_training_state(Path(directory))["epoch"] == 1
 
 
-def test_compile_and_channels_last_and_bf16_on_cpu_train_as_eager_does(digits_split, tensor_loader):
+def test_compile_and_channels_last_on_cpu_train_as_eager_does(digits_split, tensor_loader):
     """The GPU switches run on CPU too (without Ray: the same functions the worker calls), and torch.compile
-    changes nothing but rounding: from the same weights and batches, an epoch compiled and one eager (both bf16,
-    channels_last) give the same losses, accuracies and weights to bf16 precision."""
+    changes nothing but rounding: from the same weights and batches, an epoch compiled and one eager (both
+    channels_last, amp: auto as the presets set it: bf16 where the CPU computes it natively) give the same losses,
+    accuracies and weights to bf16 precision. (Forced bf16 on an AVX2-only CPU made inductor's cold compile 88 s
+    instead of 66 s; test_training covers bf16 autocast itself.)"""
     from trainers.models import build_model
     from trainers.training import TrainConfig, fit
 
@@ -144,7 +146,7 @@ def test_compile_and_channels_last_and_bf16_on_cpu_train_as_eager_does(digits_sp
     def one_epoch(compiled: bool):
         model = build_model("resnet18", 10, activation="gelu", width_mult=0.125, depth_mult=0.25, resolution=32,
                             seed=0)
-        config = TrainConfig(epochs=1, amp="bf16", channels_last=True, compile=compiled,
+        config = TrainConfig(epochs=1, amp="auto", channels_last=True, compile=compiled,
                              train_attack={"eps": EPS, "step_size": EPS, "steps": 1},
                              eval_attack={"eps": EPS, "step_size": EPS / 2, "steps": 2})
         history = fit(model, tensor_loader(images[:128], labels[:128]), tensor_loader(images[:64], labels[:64]),
