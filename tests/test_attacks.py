@@ -76,7 +76,7 @@ def test_more_steps_never_weaken_the_attack(trained_digits_model, batch):
 
 def test_restarts_keep_the_worst_case_and_go_to_the_examples_still_standing(trained_digits_model, batch):
     images, labels = batch
-    single = AttackConfig(eps=EPS, step_size=EPS / 4, steps=1, random_start=True)
+    single = AttackConfig(eps=EPS, step_size=EPS / 2, steps=1, random_start=True)
     # The same stream: the first restart draws exactly the single run's starts.
     first = fooled(trained_digits_model, PGDAttacker(single, generator=stream_generator(1, "restarts")).perturb(
         trained_digits_model, images, labels), labels)
@@ -103,7 +103,7 @@ def test_an_evaluation_attack_stops_on_fooled_examples_without_changing_any_outc
 def test_attack_touches_no_parameter_gradient_and_restores_the_model(batch):
     images, labels = batch
     model = build_model("resnet18", 10, activation="smooth_relu", width_mult=0.25, depth_mult=0.5,
-                        resolution=32).train()
+                        resolution=16).train()
     model(images[:32]).sum().backward()  # existing gradients must survive untouched
     grads_before = {name: p.grad.clone() for name, p in model.named_parameters()}
     buffers_before = {name: b.clone() for name, b in model.named_buffers()}

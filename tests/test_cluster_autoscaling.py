@@ -172,7 +172,7 @@ def _study_file(path: Path, betons) -> Path:
         "name": "fake-gpu-node",
         "base": {
             "model": {"arch": "resnet18", "num_classes": 10, "width_mult": 0.125, "depth_mult": 0.25,
-                      "resolution": 32},
+                      "resolution": 16},
             "train": {"epochs": 1, "optimizer": {"lr": 0.1}, "max_eval_batches": 1,
                       "train_attack": {"eps": 0.1, "step_size": 0.125, "steps": 1},
                       "eval_attack": {"eps": 0.1, "step_size": 0.025, "steps": 2}},

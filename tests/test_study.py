@@ -31,7 +31,7 @@ def write_study(path: Path, betons, name: str, activations: list, search: dict |
         "name": name,
         "base": {
             "model": {"arch": "resnet18", "num_classes": 10, "width_mult": 0.125, "depth_mult": 0.25,
-                      "resolution": 32},
+                      "resolution": 16},
             "train": {"epochs": 2, "optimizer": {"lr": 0.1},
                       "train_attack": {"eps": EPS, "step_size": 1.25 * EPS, "steps": 1},
                       "eval_attack": {"eps": EPS, "step_size": EPS / 4, "steps": 3}, "max_eval_batches": 1},

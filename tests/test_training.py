@@ -17,7 +17,7 @@ EVAL_ATTACK = AttackConfig(eps=EPS, step_size=EPS / 4, steps=10, keep_best=True)
 
 def tiny_model(activation="silu", **options):
     return build_model("resnet18", 10, activation=activation, width_mult=0.25, depth_mult=0.5,
-                       resolution=32, **options)
+                       resolution=16, **options)
 
 
 @pytest.mark.parametrize("switches", [{}, {"amp": "auto", "channels_last": True}], ids=["fp32", "presets-switches"])
