@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import signal
@@ -181,6 +182,30 @@ def _finished(_client, children) -> list:
             if run.data.tags.get("satscale.trial_state") == "finished" and run.info.end_time is not None]
 
 
+def _wait_for_saved_termination(experiment_dir: Path, trial_ids: set[str], driver: subprocess.Popen,
+                                timeout_s: float) -> None:
+    """Until Tune's experiment state in storage holds `trial_ids` as TERMINATED and one save more has reached it
+    (a save is uploaded only after the one before it, so the searcher's file saved beside that state is whole).
+    MLflow's record of a finished trial comes first; a driver killed before Tune's next save restarts the trial."""
+    deadline, seen_at = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline and driver.poll() is None:
+        states = sorted(experiment_dir.glob("experiment_state-*.json"), key=lambda state: state.stat().st_mtime)
+        if states:
+            try:
+                saved = json.loads(states[-1].read_text())
+                terminated = {json.loads(trial)["trial_id"] for trial, _ in saved["trial_data"]
+                              if json.loads(trial)["status"] == "TERMINATED"}
+            except (json.JSONDecodeError, OSError):  # caught mid-upload
+                terminated = set()
+            modified = states[-1].stat().st_mtime_ns
+            if seen_at is not None and modified != seen_at:
+                return
+            if seen_at is None and trial_ids <= terminated:
+                seen_at = modified
+        time.sleep(0.2)
+    raise AssertionError(f"Tune's saved state did not show {trial_ids} terminated (driver rc={driver.poll()})")
+
+
 def _trained_an_epoch(client, children) -> list:
     return [run for run in children if metric_steps(client, run, "robust_acc")]
 
@@ -231,7 +256,8 @@ def test_an_optuna_study_paused_killed_and_interrupted_resumes_each_time_and_los
     driver = start("--set", "budget.cpu_hours=1")
     try:
         finished_before = _wait_for_runs(mlflow_server, "resume-study", driver, 400, _finished)
-        time.sleep(3)  # Tune saves its experiment state every second (orchestrator.runner)
+        _wait_for_saved_termination(Path(storage, "resume-study"),
+                                    {run.data.tags["satscale.trial_id"] for run in finished_before}, driver, 60)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.communicate()
