@@ -34,7 +34,7 @@ from tests.fixtures.network import free_loopback_port  # noqa: E402
 # --- SAT core: real data (scikit-learn's digits), upscaled to 3x16x16 images in [0, 1] ---------------------
 
 # The digits are 8x8: 16 px loses nothing and a training step costs about a third of 32 px's (benchmarks/README.md,
-# the test suite's time); the tests' Ray studies train at 16 px too.
+# the test suite's time); the tests' models and Ray studies take this resolution too.
 DIGITS_RESOLUTION = 16
 
 

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 from torch import nn
 
+from tests.conftest import DIGITS_RESOLUTION
 from trainers.attacks import AttackConfig, PGDAttacker
 from trainers.attacks.autoattack import autoattack_accuracy, build_autoattack
 from trainers.errors import ConfigError
@@ -103,7 +104,7 @@ def test_an_evaluation_attack_stops_on_fooled_examples_without_changing_any_outc
 def test_attack_touches_no_parameter_gradient_and_restores_the_model(batch):
     images, labels = batch
     model = build_model("resnet18", 10, activation="smooth_relu", width_mult=0.25, depth_mult=0.5,
-                        resolution=16).train()
+                        resolution=DIGITS_RESOLUTION).train()
     model(images[:32]).sum().backward()  # existing gradients must survive untouched
     grads_before = {name: p.grad.clone() for name, p in model.named_parameters()}
     buffers_before = {name: b.clone() for name, b in model.named_buffers()}

@@ -4,13 +4,14 @@ import pickle
 import pytest
 import torch
 
+from tests.conftest import DIGITS_RESOLUTION
 from trainers.checkpoint import STATE_FILE, load_training_state, save_training_state
 from trainers.models import build_model
 from trainers.training import OptimizerConfig, TrainConfig, build_optimizer, build_scheduler
 
 
 def test_training_state_round_trip(tmp_path):
-    model = build_model("resnet18", 10, width_mult=0.125, depth_mult=0.25, resolution=16)
+    model = build_model("resnet18", 10, width_mult=0.125, depth_mult=0.25, resolution=DIGITS_RESOLUTION)
     config = TrainConfig(epochs=3, optimizer=OptimizerConfig(lr=0.1, warmup_epochs=1))
     optimizer = build_optimizer(model, config.optimizer)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch=4)
@@ -19,7 +20,7 @@ def test_training_state_round_trip(tmp_path):
     save_training_state(tmp_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                    "scheduler": scheduler.state_dict(), "epoch": 1})
     state = load_training_state(tmp_path)
-    fresh = build_model("resnet18", 10, width_mult=0.125, depth_mult=0.25, resolution=16)
+    fresh = build_model("resnet18", 10, width_mult=0.125, depth_mult=0.25, resolution=DIGITS_RESOLUTION)
     fresh.load_state_dict(state["model"])
     fresh_optimizer = build_optimizer(fresh, config.optimizer)
     fresh_optimizer.load_state_dict(state["optimizer"])

@@ -27,6 +27,7 @@ import yaml
 
 from cluster import TRIAL_DRIVER_RESOURCE
 from cluster.capacity import main as publish_capacity
+from tests.conftest import DIGITS_RESOLUTION
 from tests.fixtures.network import free_loopback_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -172,7 +173,7 @@ def _study_file(path: Path, betons) -> Path:
         "name": "fake-gpu-node",
         "base": {
             "model": {"arch": "resnet18", "num_classes": 10, "width_mult": 0.125, "depth_mult": 0.25,
-                      "resolution": 16},
+                      "resolution": DIGITS_RESOLUTION},
             "train": {"epochs": 1, "optimizer": {"lr": 0.1}, "max_eval_batches": 1,
                       "train_attack": {"eps": 0.1, "step_size": 0.125, "steps": 1},
                       "eval_attack": {"eps": 0.1, "step_size": 0.025, "steps": 2}},

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
+from tests.conftest import DIGITS_RESOLUTION
 from trainers.checkpoint import STATE_FILE, load_training_state
 from trainers.distributed import build_trainer
 from trainers.errors import ConfigError
@@ -22,7 +23,7 @@ EPS = 0.1
 def digits_trial(betons, epochs=2, num_workers=2, **overrides) -> TrialConfig:
     values = {
         "model": {"arch": "resnet18", "num_classes": 10, "activation": "silu", "width_mult": 0.25,
-                  "depth_mult": 0.5, "resolution": 16},
+                  "depth_mult": 0.5, "resolution": DIGITS_RESOLUTION},
         "train": {"epochs": epochs, "optimizer": {"lr": 0.2, "warmup_epochs": 0.5},
                   "train_attack": {"eps": EPS, "step_size": 1.25 * EPS, "steps": 1},
                   "eval_attack": {"eps": EPS, "step_size": EPS / 4, "steps": 3}, "max_eval_batches": 2},
@@ -47,7 +48,7 @@ def test_trial_config_batch_and_lr_arithmetic(digits_betons):
     assert trial.scaled_lr == pytest.approx(0.2 * (64 / 128) ** 0.5)
     assert trial.effective_train_config().optimizer.lr == pytest.approx(trial.scaled_lr)
     loader = trial.loader_config()
-    assert (loader.batch_size, loader.resolution, loader.distributed) == (32, 16, True)
+    assert (loader.batch_size, loader.resolution, loader.distributed) == (32, DIGITS_RESOLUTION, True)
     assert digits_trial(digits_betons).scaled_lr == pytest.approx(0.1)  # linear by default
     restored = TrialConfig.parse(trial.model_dump(mode="json"))  # the dict that crosses into Ray
     assert restored == trial
@@ -144,8 +145,8 @@ def test_compile_and_channels_last_on_cpu_train_as_eager_does(digits_split, tens
     (images, labels), _ = digits_split
 
     def one_epoch(compiled: bool):
-        model = build_model("resnet18", 10, activation="gelu", width_mult=0.125, depth_mult=0.25, resolution=16,
-                            seed=0)
+        model = build_model("resnet18", 10, activation="gelu", width_mult=0.125, depth_mult=0.25,
+                            resolution=DIGITS_RESOLUTION, seed=0)
         config = TrainConfig(epochs=1, amp="auto", channels_last=True, compile=compiled,
                              train_attack={"eps": EPS, "step_size": EPS, "steps": 1},
                              eval_attack={"eps": EPS, "step_size": EPS / 2, "steps": 2})
@@ -159,7 +160,8 @@ def test_compile_and_channels_last_on_cpu_train_as_eager_does(digits_split, tens
     assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=0.02)
     for metric in ("clean_acc", "robust_acc", "train_robust_acc"):
         assert compiled[metric] == pytest.approx(eager[metric], abs=3 / 64), metric  # a few images at most
-    initial = build_model("resnet18", 10, activation="gelu", width_mult=0.125, depth_mult=0.25, resolution=16, seed=0)
+    initial = build_model("resnet18", 10, activation="gelu", width_mult=0.125, depth_mult=0.25,
+                          resolution=DIGITS_RESOLUTION, seed=0)
     start, eager_end, compiled_end = (torch.cat([p.detach().flatten() for p in m.parameters()])
                                       for m in (initial, eager_model, compiled_model))
     # The same update to bf16 rounding (about 10 % per tensor at most here; a different update would differ by ~100 %).

@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 
 from orchestrator.runner import TrackingUnavailableError, run_study
 from search_spaces.study import StudyConfig
+from tests.conftest import DIGITS_RESOLUTION
 from trainers.checkpoint import STATE_FILE, load_training_state
 from trainers.faults import FAULT_PLAN_VARIABLE, FaultPlan, Kill, fired_kills
 from trainers.training import lr_multiplier
@@ -50,7 +51,7 @@ def study_values(name: str, betons: dict[str, Path], epochs: int, **base) -> dic
         "name": name,
         "base": {
             "model": {"arch": "resnet18", "num_classes": 10, "width_mult": 0.125, "depth_mult": 0.25,
-                      "resolution": 16},
+                      "resolution": DIGITS_RESOLUTION},
             "train": {"epochs": epochs, "optimizer": {"lr": 0.1},
                       "train_attack": {"eps": EPS, "step_size": 1.25 * EPS, "steps": 1},
                       "eval_attack": {"eps": EPS, "step_size": EPS / 4, "steps": 2}, "max_eval_batches": 1},

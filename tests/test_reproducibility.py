@@ -11,6 +11,7 @@ import torch
 
 from orchestrator.runner import run_study
 from search_spaces.study import StudyConfig
+from tests.conftest import DIGITS_RESOLUTION
 from tests.test_distributed import EPS, _kill_a_worker_during_epoch, digits_trial
 from trainers.attacks import AttackConfig, PGDAttacker
 from trainers.checkpoint import load_training_state
@@ -98,7 +99,7 @@ def test_relu_and_silu_with_one_seed_start_alike_and_see_the_same_batches(digits
     torch.manual_seed(5)
     expected = torch.rand(3)
     torch.manual_seed(5)
-    build_model("resnet18", 10, seed=0, width_mult=0.125, depth_mult=0.25, resolution=16)
+    build_model("resnet18", 10, seed=0, width_mult=0.125, depth_mult=0.25, resolution=DIGITS_RESOLUTION)
     assert torch.equal(torch.rand(3), expected)
 
     # The loaders do not depend on the activation; two builds give the same augmented batches, epoch by epoch,
@@ -133,7 +134,7 @@ def test_an_ablation_model_is_evaluated_through_its_true_gradient(digits_split):
     same weights get the same adversarial images; only the training attack uses the surrogate gradient."""
     (_, _), (images, labels) = digits_split
     images, labels = images[:64], labels[:64]
-    common = {"width_mult": 0.25, "depth_mult": 0.5, "resolution": 16, "seed": 0}
+    common = {"width_mult": 0.25, "depth_mult": 0.5, "resolution": DIGITS_RESOLUTION, "seed": 0}
     relu = build_model("resnet18", 10, activation="relu", **common).eval()
     ablation = build_model("resnet18", 10, activation="relu_smooth_backward",
                            activation_params={"smooth_backward_in": "both"}, **common).eval()
@@ -149,7 +150,8 @@ def test_an_ablation_model_is_evaluated_through_its_true_gradient(digits_split):
 
 def test_robust_accuracy_never_exceeds_clean_accuracy(digits_betons):
     """An image misclassified clean is not robust, even if the attack's random start happens to fix it."""
-    model = build_model("resnet18", 10, width_mult=0.125, depth_mult=0.25, resolution=16, seed=0)  # untrained
+    model = build_model("resnet18", 10, width_mult=0.125, depth_mult=0.25, resolution=DIGITS_RESOLUTION,
+                        seed=0)  # untrained
     loader = build_eval_loader(digits_betons["test"], digits_trial(digits_betons, num_workers=1).loader_config())
     weak = AttackConfig(eps=0.3, step_size=0.01, steps=1)  # mostly the random start
     fixed_by_noise = 0

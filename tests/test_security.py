@@ -24,6 +24,7 @@ import psutil
 import pytest
 import torch
 
+from tests.conftest import DIGITS_RESOLUTION
 from tests.test_study import study_runs, write_study
 from trainers.checkpoint import MODEL_WEIGHTS_FILE, STATE_FILE, load_model, load_training_state, save_model
 from trainers.models import build_model
@@ -241,7 +242,7 @@ class _WritesAFile:
 
 
 def _tiny_model():
-    return build_model("resnet18", 10, width_mult=0.125, depth_mult=0.25, resolution=16)
+    return build_model("resnet18", 10, width_mult=0.125, depth_mult=0.25, resolution=DIGITS_RESOLUTION)
 
 
 @pytest.mark.parametrize("loader", ["training state", "model weights"])

@@ -19,6 +19,7 @@ from orchestrator.evaluate_study import main as evaluate_study_main
 from orchestrator.runner import run_study
 from orchestrator.scale_study import main as scale_study_main
 from search_spaces.study import load_study
+from tests.conftest import DIGITS_RESOLUTION
 from tests.test_search_spaces import searcher_samples
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,7 +33,7 @@ def write_study(path: Path, betons, name: str, activations: list, search: dict |
         "name": name,
         "base": {
             "model": {"arch": "resnet18", "num_classes": 10, "width_mult": 0.125, "depth_mult": 0.25,
-                      "resolution": 16},
+                      "resolution": DIGITS_RESOLUTION},
             "train": {"epochs": 2, "optimizer": {"lr": 0.1},
                       "train_attack": {"eps": EPS, "step_size": 1.25 * EPS, "steps": 1},
                       "eval_attack": {"eps": EPS, "step_size": EPS / 4, "steps": 3}, "max_eval_batches": 1},

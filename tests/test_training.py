@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import DIGITS_RESOLUTION
 from trainers.attacks import AttackConfig
 from trainers.models import build_model
 from trainers.training import (DivergenceError, OptimizerConfig, TrainConfig, build_optimizer, fit,
@@ -17,7 +18,7 @@ EVAL_ATTACK = AttackConfig(eps=EPS, step_size=EPS / 4, steps=10, keep_best=True)
 
 def tiny_model(activation="silu", **options):
     return build_model("resnet18", 10, activation=activation, width_mult=0.25, depth_mult=0.5,
-                       resolution=16, **options)
+                       resolution=DIGITS_RESOLUTION, **options)
 
 
 @pytest.mark.parametrize("switches", [{}, {"amp": "auto", "channels_last": True}], ids=["fp32", "presets-switches"])
