@@ -188,21 +188,19 @@ def _wait_for_saved_termination(experiment_dir: Path, trial_ids: set[str], drive
     """Until Tune's experiment state in storage holds `trial_ids` as TERMINATED and one save more has reached it
     (a save is uploaded only after the one before it, so the searcher's file saved beside that state is whole).
     MLflow's record of a finished trial comes first; a driver killed before Tune's next save restarts the trial."""
-    deadline, seen_at = time.monotonic() + timeout_s, None
+    deadline, seen = time.monotonic() + timeout_s, None  # (state file, its mtime) when it first held them
     while time.monotonic() < deadline and driver.poll() is None:
         states = sorted(experiment_dir.glob("experiment_state-*.json"), key=lambda state: state.stat().st_mtime)
         if states:
-            try:
-                saved = json.loads(states[-1].read_text())
-                terminated = {json.loads(trial)["trial_id"] for trial, _ in saved["trial_data"]
-                              if json.loads(trial)["status"] == "TERMINATED"}
-            except (json.JSONDecodeError, OSError):  # caught mid-upload
-                terminated = set()
-            modified = states[-1].stat().st_mtime_ns
-            if seen_at is not None and modified != seen_at:
+            latest = (states[-1], states[-1].stat().st_mtime_ns)  # this driver's own file once it has saved
+            if seen is not None and latest[0] == seen[0] and latest[1] != seen[1]:
                 return
-            if seen_at is None and trial_ids <= terminated:
-                seen_at = modified
+            try:
+                trials = [json.loads(trial) for trial, _ in json.loads(latest[0].read_text())["trial_data"]]
+            except (json.JSONDecodeError, OSError):  # caught mid-upload
+                trials = []
+            if seen is None and trial_ids <= {trial["trial_id"] for trial in trials if trial["status"] == "TERMINATED"}:
+                seen = latest
         time.sleep(0.2)
     raise AssertionError(f"Tune's saved state did not show {trial_ids} terminated (driver rc={driver.poll()})")
 
