@@ -189,8 +189,10 @@ def test_mlflow_unreachable_mid_study_delays_metrics_but_loses_none(ray_cluster,
             wait_for(lambda: trial_runs(tracking_uri, "mlflow-outage"), what="the trial's run")
             proxy.cut()
             outage["down"] = time.time()
-            wait_for(lambda: list(storage.glob("mlflow-outage-train-*/checkpoint_*")), what="a checkpoint")
-            time.sleep(3)  # the epoch's report reaches Tune (the Train controller polls every few seconds)
+            # The first epoch's report reached Tune: its result log has a line.
+            wait_for(lambda: any(path.read_text().strip()
+                                 for path in storage.glob("mlflow-outage/run_trial_*/result.json")),
+                     what="the first epoch's report in Tune")
             outage["up"] = time.time()
             proxy.restore()
         except Exception as error:  # surfaced by the test
