@@ -162,19 +162,27 @@ def test_study_submitted_as_a_ray_job_is_tracked_in_mlflow(ray_cluster, mlflow_s
             assert run.info.status == "FINISHED"
 
 
-def _wait_for_runs(tracking_uri: str, name: str, driver: subprocess.Popen, timeout_s: float, done) -> list:
-    """The trial runs `done(runs)` picks, once it picks any, while the driver runs."""
+def _while_driver_runs(driver: subprocess.Popen, timeout_s: float, probe, interval_s: float, what: str):
+    """`probe()`'s first truthy answer, asked every `interval_s` while the driver runs."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and driver.poll() is None:
+        answer = probe()
+        if answer:
+            return answer
+        time.sleep(interval_s)
+    raise AssertionError(f"{what} before the driver was to be stopped (driver rc={driver.poll()})")
+
+
+def _wait_for_runs(tracking_uri: str, name: str, driver: subprocess.Popen, timeout_s: float, done) -> list:
+    """The trial runs `done(runs)` picks, once it picks any, while the driver runs."""
+    def picked() -> list:
         try:
             client, _, children = study_runs(tracking_uri, name)
         except AttributeError:  # the experiment does not exist yet
-            children = []
-        picked = done(client, children) if children else []
-        if picked:
-            return picked
-        time.sleep(1)
-    raise AssertionError(f"the study did not get there before the driver was to be stopped (driver rc={driver.poll()})")
+            return []
+        return done(client, children) if children else []
+
+    return _while_driver_runs(driver, timeout_s, picked, 1, "the study did not get there")
 
 
 def _finished(_client, children) -> list:
@@ -188,21 +196,26 @@ def _wait_for_saved_termination(experiment_dir: Path, trial_ids: set[str], drive
     """Until Tune's experiment state in storage holds `trial_ids` as TERMINATED and one save more has reached it
     (a save is uploaded only after the one before it, so the searcher's file saved beside that state is whole).
     MLflow's record of a finished trial comes first; a driver killed before Tune's next save restarts the trial."""
-    deadline, seen = time.monotonic() + timeout_s, None  # (state file, its mtime) when it first held them
-    while time.monotonic() < deadline and driver.poll() is None:
+    seen = None  # (state file, its mtime) when it first held them
+
+    def saved_once_more() -> bool:
+        nonlocal seen
         states = sorted(experiment_dir.glob("experiment_state-*.json"), key=lambda state: state.stat().st_mtime)
-        if states:
-            latest = (states[-1], states[-1].stat().st_mtime_ns)  # this driver's own file once it has saved
-            if seen is not None and latest[0] == seen[0] and latest[1] != seen[1]:
-                return
-            try:
-                trials = [json.loads(trial) for trial, _ in json.loads(latest[0].read_text())["trial_data"]]
-            except (json.JSONDecodeError, OSError):  # caught mid-upload
-                trials = []
-            if seen is None and trial_ids <= {trial["trial_id"] for trial in trials if trial["status"] == "TERMINATED"}:
-                seen = latest
-        time.sleep(0.2)
-    raise AssertionError(f"Tune's saved state did not show {trial_ids} terminated (driver rc={driver.poll()})")
+        if not states:
+            return False
+        latest = (states[-1], states[-1].stat().st_mtime_ns)  # this driver's own file once it has saved
+        if seen is not None:
+            return latest[0] == seen[0] and latest[1] != seen[1]
+        try:
+            trials = [json.loads(trial) for trial, _ in json.loads(latest[0].read_text())["trial_data"]]
+        except (json.JSONDecodeError, OSError):  # caught mid-upload
+            return False
+        if trial_ids <= {trial["trial_id"] for trial in trials if trial["status"] == "TERMINATED"}:
+            seen = latest
+        return False
+
+    what = f"Tune's saved state did not show {trial_ids} terminated"
+    _while_driver_runs(driver, timeout_s, saved_once_more, 0.2, what)
 
 
 def _trained_an_epoch(client, children) -> list:
