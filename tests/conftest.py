@@ -1,6 +1,7 @@
 """Shared fixtures: one of each server per test session, tiny data, fixed seeds."""
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -29,7 +30,7 @@ os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 # a relay that cuts the MLflow server off the network for a while.
 pytest_plugins = ["tests.fixtures.mlflow_server", "tests.fixtures.restartable_s3", "tests.fixtures.outage_proxy"]
 from orchestrator.scale_study import LOCAL_RAY_STARTUP  # noqa: E402
-from tests.fixtures.network import free_loopback_port  # noqa: E402
+from tests.fixtures.network import accepts_connections, free_loopback_port  # noqa: E402
 
 # --- SAT core: real data (scikit-learn's digits), upscaled to 3x16x16 images in [0, 1] ---------------------
 
@@ -183,6 +184,47 @@ def _wait_for_job_agent(dashboard_url: str, deadline: float) -> None:
         time.sleep(1)
 
 
+def _start_ray_head(temp_dir: str, attempts: int = 2) -> tuple[subprocess.Popen, dict[str, int]]:
+    """`ray start --head` on free loopback ports, joined by this process. A head that exits while starting is
+    started once more on fresh ports: seen once, on a machine's first Ray start after the set-up (its log went with
+    its temp dir; a port taken between choosing it and Ray binding it would look the same)."""
+    import ray
+
+    # Results go to each test's explicit storage_path; the start-up settings of the local Ray scale_study.py
+    # starts (a laptop's head, as this one is), worth a Train process and two idle workers per trial or driver.
+    environment = {**os.environ, "RAY_DEDUP_LOGS": "0", **LOCAL_RAY_STARTUP}
+    logs = []
+    for attempt in range(attempts):
+        ports = {flag: free_loopback_port() for flag in (
+            "port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+            "metrics-export-port", "runtime-env-agent-port", "ray-client-server-port")}
+        log_path = Path(temp_dir) / f"head-{attempt}.log"
+        with open(log_path, "w") as log:
+            head = subprocess.Popen(
+                [_ray_cli(), "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=4",
+                 f"--temp-dir={temp_dir}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                 "--disable-usage-stats", *(f"--{flag}={port}" for flag, port in ports.items())],
+                env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 180
+        while head.poll() is None and time.monotonic() < deadline:
+            # Joined once its GCS listens: ray.init on an address with nothing behind it retries for minutes.
+            if accepts_connections(ports["port"]):
+                try:
+                    ray.init(address=f"127.0.0.1:{ports['port']}", configure_logging=False)
+                    return head, ports
+                except Exception:
+                    pass
+            time.sleep(0.5)
+        timed_out = head.poll() is None
+        with contextlib.suppress(ProcessLookupError):  # what it started, if any of it is left
+            os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+        logs.append(f"attempt {attempt + 1}, exit code {head.returncode}:\n{log_path.read_text()}")
+        if timed_out:  # running but unreachable for 3 minutes: another try would not be faster
+            break
+    raise RuntimeError("ray head did not start:\n" + "\n".join(logs))
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(s3_server) -> Iterator[RayHead]:
     """A real Ray head on loopback (`ray start --head`), shared by every Ray test; this process joins it.
@@ -195,30 +237,11 @@ def ray_cluster(s3_server) -> Iterator[RayHead]:
     import ray
 
     temp_dir = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
-    ports = {flag: free_loopback_port() for flag in (
-        "port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-        "metrics-export-port", "runtime-env-agent-port", "ray-client-server-port")}
-    # Results go to each test's explicit storage_path; the start-up settings of the local Ray scale_study.py
-    # starts (a laptop's head, as this one is), worth a Train process and two idle workers per trial or driver.
-    environment = {**os.environ, "RAY_DEDUP_LOGS": "0", **LOCAL_RAY_STARTUP}
-    log = open(Path(temp_dir) / "head.log", "w")
-    head = subprocess.Popen(
-        [_ray_cli(), "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=4",
-         f"--temp-dir={temp_dir}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         "--disable-usage-stats", *(f"--{flag}={port}" for flag, port in ports.items())],
-        env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    head, ports = _start_ray_head(temp_dir)
     address = f"127.0.0.1:{ports['port']}"
     dashboard_url = f"http://127.0.0.1:{ports['dashboard-port']}"
     try:
         deadline = time.monotonic() + 180
-        while True:
-            try:
-                ray.init(address=address, configure_logging=False)
-                break
-            except Exception:
-                if head.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"ray head did not start: {(Path(temp_dir) / 'head.log').read_text()}")
-                time.sleep(1)
         _wait_for_job_agent(dashboard_url, deadline)
         yield RayHead(address, dashboard_url, temp_dir)
     finally:
@@ -230,5 +253,4 @@ def ray_cluster(s3_server) -> Iterator[RayHead]:
             head.wait(timeout=5)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
-        log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
