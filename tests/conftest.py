@@ -7,7 +7,6 @@ import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -30,7 +29,7 @@ os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 # a relay that cuts the MLflow server off the network for a while.
 pytest_plugins = ["tests.fixtures.mlflow_server", "tests.fixtures.restartable_s3", "tests.fixtures.outage_proxy"]
 from orchestrator.scale_study import LOCAL_RAY_STARTUP  # noqa: E402
-from tests.fixtures.network import accepts_connections, free_loopback_port  # noqa: E402
+from tests.fixtures.network import accepts_connections, free_loopback_port, loopback_ray_head  # noqa: E402
 
 # --- SAT core: real data (scikit-learn's digits), upscaled to 3x16x16 images in [0, 1] ---------------------
 
@@ -161,10 +160,6 @@ class RayHead:
     temp_dir: str
 
 
-def _ray_cli() -> str:
-    return str(Path(sys.executable).with_name("ray"))
-
-
 def _wait_for_job_agent(dashboard_url: str, deadline: float) -> None:
     """`ray start` returns before the node's job agent registers; run a trivial job until one succeeds."""
     from ray.job_submission import JobStatus, JobSubmissionClient
@@ -184,10 +179,11 @@ def _wait_for_job_agent(dashboard_url: str, deadline: float) -> None:
         time.sleep(1)
 
 
-def _start_ray_head(temp_dir: str, attempts: int = 2) -> tuple[subprocess.Popen, dict[str, int]]:
-    """`ray start --head` on free loopback ports, joined by this process. A head that exits while starting is
-    started once more on fresh ports: seen once, on a machine's first Ray start after the set-up (its log went with
-    its temp dir; a port taken between choosing it and Ray binding it would look the same)."""
+def _start_ray_head(temp_dir: str, attempts: int = 2) -> tuple[subprocess.Popen, str, str]:
+    """A test head (4 logical CPUs) started in `temp_dir` and joined by this process: (head, GCS address,
+    dashboard URL). A head that exits while starting is started once more on fresh ports: seen once, on a
+    machine's first Ray start after the set-up (its log went with its temp dir; a port taken between choosing
+    it and Ray binding it would look the same)."""
     import ray
 
     # Results go to each test's explicit storage_path; the start-up settings of the local Ray scale_study.py
@@ -195,23 +191,19 @@ def _start_ray_head(temp_dir: str, attempts: int = 2) -> tuple[subprocess.Popen,
     environment = {**os.environ, "RAY_DEDUP_LOGS": "0", **LOCAL_RAY_STARTUP}
     logs = []
     for attempt in range(attempts):
-        ports = {flag: free_loopback_port() for flag in (
-            "port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-            "metrics-export-port", "runtime-env-agent-port", "ray-client-server-port")}
+        port = free_loopback_port()
+        command, dashboard_url = loopback_ray_head(port, temp_dir, "--num-cpus=4")
         log_path = Path(temp_dir) / f"head-{attempt}.log"
         with open(log_path, "w") as log:
-            head = subprocess.Popen(
-                [_ray_cli(), "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=4",
-                 f"--temp-dir={temp_dir}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                 "--disable-usage-stats", *(f"--{flag}={port}" for flag, port in ports.items())],
-                env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            head = subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
         deadline = time.monotonic() + 180
         while head.poll() is None and time.monotonic() < deadline:
             # Joined once its GCS listens: ray.init on an address with nothing behind it retries for minutes.
-            if accepts_connections(ports["port"]):
+            if accepts_connections(port):
                 try:
-                    ray.init(address=f"127.0.0.1:{ports['port']}", configure_logging=False)
-                    return head, ports
+                    ray.init(address=f"127.0.0.1:{port}", configure_logging=False)
+                    return head, f"127.0.0.1:{port}", dashboard_url
                 except Exception:
                     pass
             time.sleep(0.5)
@@ -237,9 +229,7 @@ def ray_cluster(s3_server) -> Iterator[RayHead]:
     import ray
 
     temp_dir = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
-    head, ports = _start_ray_head(temp_dir)
-    address = f"127.0.0.1:{ports['port']}"
-    dashboard_url = f"http://127.0.0.1:{ports['dashboard-port']}"
+    head, address, dashboard_url = _start_ray_head(temp_dir)
     try:
         deadline = time.monotonic() + 180
         _wait_for_job_agent(dashboard_url, deadline)

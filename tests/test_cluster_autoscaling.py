@@ -28,7 +28,7 @@ import yaml
 from cluster import TRIAL_DRIVER_RESOURCE
 from cluster.capacity import main as publish_capacity
 from tests.conftest import DIGITS_RESOLUTION
-from tests.fixtures.network import free_loopback_port
+from tests.fixtures.network import free_loopback_port, loopback_ray_head
 
 ROOT = Path(__file__).resolve().parent.parent
 AWS = ROOT / "cluster" / "aws.yaml"
@@ -114,20 +114,14 @@ def _start_head(config: dict, port: int, temp_dir: Path, log_path: Path) -> subp
     config_path = temp_dir / "fake_cluster.yaml"
     config_path.write_text(yaml.safe_dump(config))
     head = config["available_node_types"][HEAD_TYPE]["resources"]
-    ports = {flag: free_loopback_port() for flag in (
-        "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-        "runtime-env-agent-port", "ray-client-server-port")}
     environment = {**os.environ,  # RAY_AUTH_MODE=token and the session's token (tests/conftest.py)
                    "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
                    # What `ray up` sets for the head: autoscaler v2, the head's instance id and node type.
                    "RAY_enable_autoscaler_v2": "1", "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID,
                    "RAY_NODE_TYPE_NAME": HEAD_TYPE}
     custom = {name: amount for name, amount in head.items() if name not in ("CPU", "GPU")}
-    command = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
-               "--node-ip-address=127.0.0.1", f"--port={port}", f"--num-cpus={head['CPU']}",
-               f"--resources={json.dumps(custom)}", f"--autoscaling-config={config_path}",
-               f"--temp-dir={temp_dir}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-               "--disable-usage-stats", *(f"--{flag}={value}" for flag, value in ports.items())]
+    command, _ = loopback_ray_head(port, temp_dir, f"--num-cpus={head['CPU']}", f"--resources={json.dumps(custom)}",
+                                   f"--autoscaling-config={config_path}")
     with open(log_path, "a") as log:
         return subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
