@@ -192,26 +192,29 @@ def _finished(_client, children) -> list:
 
 
 def _wait_for_saved_termination(experiment_dir: Path, trial_ids: set[str], driver: subprocess.Popen,
-                                timeout_s: float) -> None:
-    """Until Tune's experiment state in storage holds `trial_ids` as TERMINATED and one save more has reached it
-    (a save is uploaded only after the one before it, so the searcher's file saved beside that state is whole).
-    MLflow's record of a finished trial comes first; a driver killed before Tune's next save restarts the trial."""
-    seen = None  # (state file, its mtime) when it first held them
+                                timeout_s: float, earlier_states: set[Path]) -> None:
+    """Until the driver's own experiment state in storage (the state file not among `earlier_states`, those of the
+    drivers before it) holds `trial_ids` as TERMINATED and one save more has reached it (a save is uploaded only
+    after the one before it, so the searcher's file saved beside that state is whole). MLflow's record of a
+    finished trial comes first; a driver killed before Tune's next save restarts the trial. Not the newest file by
+    time: every upload rewrites the earlier drivers' files too, in no fixed order."""
+    seen_mtime = None  # the driver's state file's mtime when it first held them
 
     def saved_once_more() -> bool:
-        nonlocal seen
-        states = sorted(experiment_dir.glob("experiment_state-*.json"), key=lambda state: state.stat().st_mtime)
-        if not states:
+        nonlocal seen_mtime
+        own = [state for state in experiment_dir.glob("experiment_state-*.json") if state not in earlier_states]
+        if not own:
             return False
-        latest = (states[-1], states[-1].stat().st_mtime_ns)  # this driver's own file once it has saved
-        if seen is not None:
-            return latest[0] == seen[0] and latest[1] != seen[1]
+        (state,) = own  # one driver at a time
+        mtime = state.stat().st_mtime_ns
+        if seen_mtime is not None:
+            return mtime != seen_mtime
         try:
-            trials = [json.loads(trial) for trial, _ in json.loads(latest[0].read_text())["trial_data"]]
+            trials = [json.loads(trial) for trial, _ in json.loads(state.read_text())["trial_data"]]
         except (json.JSONDecodeError, OSError):  # caught mid-upload
             return False
         if trial_ids <= {trial["trial_id"] for trial in trials if trial["status"] == "TERMINATED"}:
-            seen = latest
+            seen_mtime = mtime
         return False
 
     what = f"Tune's saved state did not show {trial_ids} terminated"
@@ -265,11 +268,13 @@ def test_an_optuna_study_paused_killed_and_interrupted_resumes_each_time_and_los
 
     # 2. A larger budget (free to change at --resume): the paused trial goes on from epoch 0's checkpoint. SIGKILL
     # once it finished.
+    experiment_dir = Path(storage, "resume-study")
+    earlier_states = set(experiment_dir.glob("experiment_state-*.json"))
     driver = start("--set", "budget.cpu_hours=1")
     try:
         finished_before = _wait_for_runs(mlflow_server, "resume-study", driver, 400, _finished)
-        _wait_for_saved_termination(Path(storage, "resume-study"),
-                                    {run.data.tags["satscale.trial_id"] for run in finished_before}, driver, 60)
+        _wait_for_saved_termination(experiment_dir, {run.data.tags["satscale.trial_id"] for run in finished_before},
+                                    driver, 60, earlier_states)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.communicate()
