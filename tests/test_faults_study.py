@@ -270,9 +270,9 @@ def test_mlflow_still_down_when_the_study_ends_fails_clearly_and_resume_logs_the
 
 
 # Address space a Train worker may add to what it maps when it starts: the healthy trial needs a fraction of
-# it; the 8x-wide one's parameters alone (about 700 M, 2.9 GB) do not fit, so it fails while torch's allocator
-# builds the model. At 4x (0.7 GB) the model fitted and what failed depended on the CPU: torch's allocator here,
-# oneDNN's scratch memory on CI's ("could not create a primitive", which does not say memory).
+# it; the 8x-wide one's parameters alone (313 M, 1.25 GB) do not fit, so it fails while torch's allocator builds
+# the model. At 4x (78 M, 0.31 GB) the model fitted and what failed next depended on the CPU: torch's allocator
+# here, oneDNN's scratch memory on CI's ("could not create a primitive", which does not say memory).
 WORKER_MEMORY_LIMIT_MB = 1024
 OVERSIZED_WIDTH = 8
 
