@@ -103,6 +103,26 @@ def test_resize_at_the_stored_resolution_returns_the_stored_pixels(digits_betons
     np.testing.assert_array_equal(torch.cat([b[1] for b in batches]).numpy(), expected_labels)
 
 
+def test_flips_mirror_whole_images_chosen_by_seed(digits_betons):
+    """Each training image is its stored pixels or their left-right mirror, decided per (seed, epoch, sample)."""
+    config = LoaderConfig(batch_size=100, resolution=8, train_crop="resize", num_workers=1, drop_last=False,
+                          flip_probability=0.5, seed=5)
+    source_images, _ = digits_source("train")
+
+    def mirrored_per_sample() -> dict[int, bool]:
+        mirrored = {}
+        for images, _, batch_indices in build_train_loader(digits_betons["train"], config, with_indices=True):
+            for image, index in zip(images.numpy(), batch_indices.tolist()):
+                stored = source_images[index]
+                assert (image == stored).all() or (image == stored[:, :, ::-1]).all()
+                mirrored[index] = bool((image != stored).any())
+        return mirrored
+
+    first = mirrored_per_sample()
+    assert len(first) == len(source_images) and 0.4 < np.mean(list(first.values())) < 0.6
+    assert mirrored_per_sample() == first  # same seed, same flips
+
+
 def test_set_epoch_picks_the_shuffle_and_the_resolution(digits_betons):
     config = LoaderConfig(batch_size=500, resolution=16, num_workers=1, flip_probability=0.0, seed=7,
                           progressive=ProgressiveResizing(min_res=8, start_ramp=0, end_ramp=1, multiple=8))
