@@ -164,10 +164,11 @@ class SeededHorizontalFlip(Operation):
             for i in my_range(images.shape[0]):
                 mirrored = uniform_draw(key, indices[i], _FLIP_DRAW) < flip_prob
                 for row in range(height):
+                    source_row, destination_row = images[i, row], dst[i, row]  # views: cheaper 2-D indexing
                     for column in range(width):
                         source = width - 1 - column if mirrored else column
                         for channel in range(channels):
-                            dst[i, row, column, channel] = images[i, row, source, channel]
+                            destination_row[column, channel] = source_row[source, channel]
             return dst
 
         flip.is_parallel = True
