@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import secrets
 import shutil
@@ -30,6 +31,7 @@ os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 pytest_plugins = ["tests.fixtures.mlflow_server", "tests.fixtures.restartable_s3", "tests.fixtures.outage_proxy"]
 from orchestrator.scale_study import LOCAL_RAY_STARTUP  # noqa: E402
 from tests.fixtures.network import accepts_connections, free_loopback_port, loopback_ray_head  # noqa: E402
+from tests.fixtures.waiting import wait_until  # noqa: E402
 
 # --- SAT core: real data (scikit-learn's digits), upscaled to 3x16x16 images in [0, 1] ---------------------
 
@@ -160,23 +162,32 @@ class RayHead:
     temp_dir: str
 
 
-def _wait_for_job_agent(dashboard_url: str, deadline: float) -> None:
+def _wait_for_job_agent(dashboard_url: str, timeout_s: float) -> None:
     """`ray start` returns before the node's job agent registers; run a trivial job until one succeeds."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(dashboard_url)
-    while True:
-        try:
-            job_id = client.submit_job(entrypoint="true")
-            while (status := client.get_job_status(job_id)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED):
-                time.sleep(0.5)
-            if status == JobStatus.SUCCEEDED:
-                return
-        except RuntimeError:  # "No available agent to submit job, please try again later"
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the Ray head at {dashboard_url} accepts no jobs")
-        time.sleep(1)
+
+    def a_job_succeeds() -> bool:
+        job_id = client.submit_job(entrypoint="true")
+        while (status := client.get_job_status(job_id)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+            time.sleep(0.5)
+        return status == JobStatus.SUCCEEDED
+
+    # RuntimeError: "No available agent to submit job, please try again later"
+    wait_until(a_job_succeeds, timeout_s, f"the Ray head at {dashboard_url} to accept jobs", interval_s=1,
+               retry_on=(RuntimeError,))
+
+
+def _join_once_listening(port: int) -> bool:
+    """Join the Ray head at `port` once its GCS listens: ray.init on an address with nothing behind it retries for
+    minutes."""
+    import ray
+
+    if not accepts_connections(port):
+        return False
+    ray.init(address=f"127.0.0.1:{port}", configure_logging=False)
+    return True
 
 
 def _start_ray_head(temp_dir: str, attempts: int = 2) -> tuple[subprocess.Popen, str, str]:
@@ -184,8 +195,6 @@ def _start_ray_head(temp_dir: str, attempts: int = 2) -> tuple[subprocess.Popen,
     dashboard URL). A head that exits while starting is started once more on fresh ports: seen once, on a
     machine's first Ray start after the set-up (its log went with its temp dir; a port taken between choosing
     it and Ray binding it would look the same)."""
-    import ray
-
     # Results go to each test's explicit storage_path; the start-up settings of the local Ray scale_study.py
     # starts (a laptop's head, as this one is), worth a Train process and two idle workers per trial or driver.
     environment = {**os.environ, "RAY_DEDUP_LOGS": "0", **LOCAL_RAY_STARTUP}
@@ -197,17 +206,12 @@ def _start_ray_head(temp_dir: str, attempts: int = 2) -> tuple[subprocess.Popen,
         with open(log_path, "w") as log:
             head = subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)
-        deadline = time.monotonic() + 180
-        while head.poll() is None and time.monotonic() < deadline:
-            # Joined once its GCS listens: ray.init on an address with nothing behind it retries for minutes.
-            if accepts_connections(port):
-                try:
-                    ray.init(address=f"127.0.0.1:{port}", configure_logging=False)
-                    return head, f"127.0.0.1:{port}", dashboard_url
-                except Exception:
-                    pass
-            time.sleep(0.5)
-        timed_out = head.poll() is None
+        try:
+            wait_until(functools.partial(_join_once_listening, port), 180, "the test Ray head", process=head,
+                       retry_on=(Exception,))
+            return head, f"127.0.0.1:{port}", dashboard_url
+        except AssertionError:
+            timed_out = head.poll() is None
         with contextlib.suppress(ProcessLookupError):  # what it started, if any of it is left
             os.killpg(head.pid, signal.SIGKILL)
         head.wait()
@@ -231,8 +235,7 @@ def ray_cluster(s3_server) -> Iterator[RayHead]:
     temp_dir = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
     head, address, dashboard_url = _start_ray_head(temp_dir)
     try:
-        deadline = time.monotonic() + 180
-        _wait_for_job_agent(dashboard_url, deadline)
+        _wait_for_job_agent(dashboard_url, 180)
         yield RayHead(address, dashboard_url, temp_dir)
     finally:
         ray.shutdown()

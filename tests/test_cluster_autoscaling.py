@@ -29,6 +29,7 @@ from cluster import TRIAL_DRIVER_RESOURCE
 from cluster.capacity import main as publish_capacity
 from tests.conftest import DIGITS_RESOLUTION
 from tests.fixtures.network import free_loopback_port, loopback_ray_head
+from tests.fixtures.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 AWS = ROOT / "cluster" / "aws.yaml"
@@ -94,18 +95,8 @@ def _node_types(gcs_address: str) -> list[str]:
                   status.active_nodes + status.idle_nodes + status.pending_nodes)
 
 
-def _wait_for(predicate, timeout_s: float, what: str, poll_s: float = 1.0):
-    deadline = time.monotonic() + timeout_s
-    last_error = None
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except Exception as error:  # the GCS answering slowly while the machine is busy
-            last_error = error
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what} (last error: {last_error})")
+# What the autoscaler reports comes from the GCS, which answers slowly (or not) while the machine is busy.
+_GCS_SLOW = (Exception,)
 
 
 def _start_head(config: dict, port: int, temp_dir: Path, log_path: Path) -> subprocess.Popen:
@@ -143,8 +134,8 @@ def fake_autoscaling_cluster(tmp_path):
             config = fake_cluster_config(yaml.safe_load(AWS.read_text()), gcs_address)
             head = _start_head(config, port, temp_dir, log_path)
             try:
-                _wait_for(lambda: head.poll() is not None or HEAD_TYPE in _node_types(gcs_address), 240,
-                          "the fake head")
+                wait_until(lambda: HEAD_TYPE in _node_types(gcs_address), 240, "the fake head", interval_s=1,
+                           process=head, retry_on=_GCS_SLOW)
             except AssertionError:
                 pass
             if head.poll() is None:
@@ -225,5 +216,5 @@ def test_a_study_scales_a_gpu_node_type_up_from_zero_and_back(fake_autoscaling_c
     assert f"{TRIAL_DRIVER_RESOURCE}" in output  # the trial's driver took a slot (Tune's resource line)
     assert head.poll() is None
     # Idle for idle_timeout_minutes, the node is removed.
-    _wait_for(lambda: _node_types(gcs_address) == [HEAD_TYPE], 120 + 60 * IDLE_TIMEOUT_MINUTES,
-              "the idle A10G node's removal")
+    wait_until(lambda: _node_types(gcs_address) == [HEAD_TYPE], 120 + 60 * IDLE_TIMEOUT_MINUTES,
+               "the idle A10G node's removal", interval_s=1, retry_on=_GCS_SLOW)

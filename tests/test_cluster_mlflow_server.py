@@ -7,7 +7,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 import uuid
 
 import boto3
@@ -16,6 +15,7 @@ from mlflow import MlflowClient
 from cluster.mlflow_server import backup, healthy, restore
 from tests.fixtures.mlflow_server import SERVER_START_TIMEOUT_S
 from tests.fixtures.network import free_loopback_port
+from tests.fixtures.waiting import wait_until
 
 
 def _rows(db) -> list[tuple]:
@@ -63,15 +63,19 @@ def test_server_keeps_serving_when_a_backup_fails_and_backs_up_once_s3_recovers(
             stdout=output, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
             start_new_session=True)
     try:
-        _wait_for(lambda: healthy(url) or manager.poll() is not None, SERVER_START_TIMEOUT_S, log)
+        def logged(what: str):
+            return lambda: f"{what}; the manager's log:\n{log.read_text()[-3000:]}"
+
+        wait_until(lambda: healthy(url), SERVER_START_TIMEOUT_S, logged("the server"), process=manager)
         MlflowClient(url).create_experiment("kept")  # something in the database worth keeping
-        _wait_for(lambda: "backup of" in log.read_text() or manager.poll() is not None, 60, log)
+        wait_until(lambda: "backup of" in log.read_text(), 60, logged("a backup attempt"), process=manager)
         assert manager.poll() is None and healthy(url), log.read_text()[-2000:]
         assert "failed" in log.read_text() and "the next backup retries" in log.read_text()
 
         s3 = boto3.session.Session().client("s3")
         s3.create_bucket(Bucket=bucket)
-        _wait_for(lambda: s3.list_objects_v2(Bucket=bucket).get("KeyCount", 0) > 0, 60, log)
+        wait_until(lambda: s3.list_objects_v2(Bucket=bucket).get("KeyCount", 0) > 0, 60,
+                   logged("a backup in the bucket"), process=manager)
         manager.send_signal(signal.SIGTERM)
         assert manager.wait(timeout=90) == 0, log.read_text()[-2000:]
     finally:
@@ -84,10 +88,3 @@ def test_server_keeps_serving_when_a_backup_fails_and_backs_up_once_s3_recovers(
     with sqlite3.connect(restored) as connection:
         assert ("kept",) in connection.execute("SELECT name FROM experiments").fetchall()
 
-
-def _wait_for(condition, timeout_s: float, log) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out; manager log:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import DIGITS_RESOLUTION
+from tests.fixtures.waiting import wait_until
 from trainers.checkpoint import STATE_FILE, load_training_state
 from trainers.distributed import build_trainer
 from trainers.errors import ConfigError
@@ -102,9 +103,8 @@ def _kill_a_worker_during_epoch(storage: Path, delay_s: float, outcome: dict) ->
     try:
         from ray.util.state import list_actors
 
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and not list(storage.glob("*/checkpoint_*/" + STATE_FILE)):
-            time.sleep(0.2)
+        wait_until(lambda: list(storage.glob("*/checkpoint_*/" + STATE_FILE)), 240, "the first checkpoint",
+                   interval_s=0.2)
         time.sleep(delay_s)
         workers = [actor for actor in list_actors(filters=[("state", "=", "ALIVE")])
                    if actor.class_name.endswith("RayTrainWorker")]

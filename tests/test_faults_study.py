@@ -22,6 +22,7 @@ from mlflow import MlflowClient
 from orchestrator.runner import TrackingUnavailableError, run_study
 from search_spaces.study import StudyConfig
 from tests.conftest import DIGITS_RESOLUTION
+from tests.fixtures.waiting import wait_until
 from trainers.checkpoint import STATE_FILE, load_training_state
 from trainers.faults import FAULT_PLAN_VARIABLE, FaultPlan, Kill, fired_kills
 from trainers.training import lr_multiplier
@@ -107,14 +108,6 @@ def trial_runs(tracking_uri: str, study_name: str):
                                                             "tags.`satscale.role` = 'trial'")
 
 
-def wait_for(condition, timeout_s: float = 300, what: str = "") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout_s} s for {what}")
-        time.sleep(0.5)
-
-
 def test_sigkilled_workers_resume_from_the_last_complete_checkpoint(ray_cluster, mlflow_server, small_digits,
                                                                     tmp_path):
     """Kills (SATSCALE_FAULT_KILLS, default 4: each of the four points once) of a two-worker trial, one per worker
@@ -186,13 +179,13 @@ def test_mlflow_unreachable_mid_study_delays_metrics_but_loses_none(ray_cluster,
 
     def cut_then_restore() -> None:
         try:
-            wait_for(lambda: trial_runs(tracking_uri, "mlflow-outage"), what="the trial's run")
+            wait_until(lambda: trial_runs(tracking_uri, "mlflow-outage"), 300, "the trial's run")
             proxy.cut()
             outage["down"] = time.time()
             # The first epoch's report reached Tune: its result log has a line.
-            wait_for(lambda: any(path.read_text().strip()
-                                 for path in storage.glob("mlflow-outage/run_trial_*/result.json")),
-                     what="the first epoch's report in Tune")
+            wait_until(lambda: any(path.read_text().strip()
+                                   for path in storage.glob("mlflow-outage/run_trial_*/result.json")),
+                       300, "the first epoch's report in Tune")
             outage["up"] = time.time()
             proxy.restore()
         except Exception as error:  # surfaced by the test
@@ -237,7 +230,7 @@ def test_mlflow_still_down_when_the_study_ends_fails_clearly_and_resume_logs_the
     storage = tmp_path / "storage"
 
     def cut_when_the_trial_runs() -> None:
-        wait_for(lambda: trial_runs(tracking_uri, "mlflow-down-at-end"), what="the trial's run")
+        wait_until(lambda: trial_runs(tracking_uri, "mlflow-down-at-end"), 300, "the trial's run")
         proxy.cut()
 
     saboteur = threading.Thread(target=cut_when_the_trial_runs, daemon=True)

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -22,6 +21,7 @@ from mlflow import MlflowClient
 from orchestrator.model_registry import BEST_ALIAS, LOADER_MODULE, load_best_model
 from orchestrator.tracking import StudyTracker
 from tests.fixtures.network import free_loopback_port
+from tests.fixtures.waiting import wait_until
 from trainers.models import build_model
 
 RESOLUTION = 16
@@ -87,18 +87,15 @@ def test_the_best_model_is_a_registered_mlflow_model_loaded_without_pickles(regi
 
 
 def wait_until_serving(server: subprocess.Popen, port: int, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise AssertionError(f"mlflow models serve exited ({server.returncode}): {server.stdout.read()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as ping:
-                if ping.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError):
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"the scoring server did not answer /ping within {timeout_s} s")
+    def answers_ping() -> bool:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as ping:
+            return ping.status == 200
+
+    def what() -> str:  # its output, once it has exited (reading a live one's pipe would block)
+        output = server.stdout.read()[-3000:] if server.poll() is not None else ""
+        return f"mlflow models serve to answer /ping{'; its output: ' + output if output else ''}"
+
+    wait_until(answers_ping, timeout_s, what, process=server, retry_on=(urllib.error.URLError, ConnectionError))
 
 
 def test_mlflow_models_serve_answers_with_the_models_logits(registered, mlflow_server):

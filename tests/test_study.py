@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from orchestrator.runner import run_study
 from orchestrator.scale_study import main as scale_study_main
 from search_spaces.study import load_study
 from tests.conftest import DIGITS_RESOLUTION
+from tests.fixtures.waiting import wait_until
 from tests.test_search_spaces import searcher_samples
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,17 +162,6 @@ def test_study_submitted_as_a_ray_job_is_tracked_in_mlflow(ray_cluster, mlflow_s
             assert run.info.status == "FINISHED"
 
 
-def _while_driver_runs(driver: subprocess.Popen, timeout_s: float, probe, interval_s: float, what: str):
-    """`probe()`'s first truthy answer, asked every `interval_s` while the driver runs."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and driver.poll() is None:
-        answer = probe()
-        if answer:
-            return answer
-        time.sleep(interval_s)
-    raise AssertionError(f"{what} before the driver was to be stopped (driver rc={driver.poll()})")
-
-
 def _wait_for_runs(tracking_uri: str, name: str, driver: subprocess.Popen, timeout_s: float, done) -> list:
     """The trial runs `done(runs)` picks, once it picks any, while the driver runs."""
     def picked() -> list:
@@ -182,7 +171,7 @@ def _wait_for_runs(tracking_uri: str, name: str, driver: subprocess.Popen, timeo
             return []
         return done(client, children) if children else []
 
-    return _while_driver_runs(driver, timeout_s, picked, 1, "the study did not get there")
+    return wait_until(picked, timeout_s, "the study to get there, its driver running", interval_s=1, process=driver)
 
 
 def _finished(_client, children) -> list:
@@ -217,8 +206,8 @@ def _wait_for_saved_termination(experiment_dir: Path, trial_ids: set[str], drive
             seen_mtime = mtime
         return False
 
-    what = f"Tune's saved state did not show {trial_ids} terminated"
-    _while_driver_runs(driver, timeout_s, saved_once_more, 0.2, what)
+    wait_until(saved_once_more, timeout_s, f"Tune's saved state to show {trial_ids} terminated, its driver running",
+               interval_s=0.2, process=driver)
 
 
 def _trained_an_epoch(client, children) -> list:

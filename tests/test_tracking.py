@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from mlflow import MlflowClient
 from ray import cloudpickle
 
@@ -29,6 +28,7 @@ from orchestrator.reports import (StudyRow, cost_front, leaderboard, leaderboard
 from orchestrator.tracking import (REDACTED, MLflowStudyCallback, StudyTracker, redact,
                                    resolve_tracking_uri, scrub, study_rows, trial_failure_reason)
 from tests.fixtures.network import free_loopback_port
+from tests.fixtures.waiting import wait_until
 
 STUDY_PARAMS = ("activation", "arch", "depth_mult", "width_mult", "resolution", "train_attack_steps", "train_eps",
                 "train_step_size")
@@ -584,10 +584,8 @@ def test_queued_calls_reach_the_server_once_it_is_back(mlflow_server: str, mlflo
     try:
         trial.last_result = synthetic_metrics(trial.config, 1)
         callback.on_trial_result(0, [trial], trial, trial.last_result)
-        deadline = time.monotonic() + 15  # the sender tries again on its own after the retry interval
-        while callback.unlogged and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert callback.unlogged == []
+        # The sender tries again on its own after the retry interval.
+        wait_until(lambda: not callback.unlogged, 15, "the queued calls to be sent", interval_s=0.1)
         client = tracker.client
         (child,) = child_runs(client, experiment_id(client, mlflow_experiment), parent)
         assert steps(client, child.info.run_id, "clean_acc") == [0, 1]
